@@ -1,0 +1,235 @@
+"""The echo service as a real process: signals, exit codes, settings errors, /metrics, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import pytest
+
+from wirekit_framing import encode, recv_frame, send_frame
+
+CLIENT = [sys.executable, "-m", "wirekit_echo.client"]
+
+
+@dataclass
+class Proc:
+    popen: subprocess.Popen[str]
+    ports: dict[str, int]
+    lines: list[str]
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.ports['metrics']}{path}"
+
+
+@contextmanager
+def echo_process(*args: str, env: dict[str, str] | None = None) -> Iterator[Proc]:
+    cmd = [sys.executable, "-m", "wirekit_echo", "--raw-port", "0", "--framed-port", "0",
+           "--metrics-port", "0", *args]  # fmt: skip
+    popen = subprocess.Popen(
+        cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}
+    )
+    assert popen.stderr is not None
+    lines: list[str] = []
+    ports: dict[str, int] = {}
+    deadline = time.monotonic() + 15
+    try:
+        while not ports and time.monotonic() < deadline:
+            line = popen.stderr.readline()
+            if not line:
+                break
+            lines.append(line)
+            record = json.loads(line)
+            if record.get("message") == "listening":
+                ports = record["ports"]
+        assert ports, f"server did not start: {lines}"
+        # Keep draining stderr so the server never blocks on a full pipe.
+        threading.Thread(target=lambda: lines.extend(popen.stderr), daemon=True).start()  # type: ignore[arg-type]
+        yield Proc(popen, ports, lines)
+    finally:
+        if popen.poll() is None:
+            popen.kill()
+        popen.wait(10)
+
+
+def test_sigterm_completes_in_flight_replies_and_exits_zero() -> None:
+    with echo_process("--timeout-drain-s", "5") as proc:
+        # A large framed reply in flight (client reads slowly), a raw stream, a half-sent frame.
+        big = os.urandom(1024 * 1024)  # the default max_frame_size
+        framed = socket.create_connection(("127.0.0.1", proc.ports["framed"]), timeout=10)
+        send_frame(framed, big, max_frame_size=len(big))
+        assert framed.recv(4, socket.MSG_WAITALL) == struct.pack("!I", len(big))
+        raw = socket.create_connection(("127.0.0.1", proc.ports["raw"]), timeout=10)
+        raw.sendall(b"raw bytes")
+        assert raw.recv(9, socket.MSG_WAITALL) == b"raw bytes"
+        half = socket.create_connection(("127.0.0.1", proc.ports["framed"]), timeout=10)
+        frame = encode(b"completed after SIGTERM")
+        half.sendall(frame[:7])
+        time.sleep(0.2)
+
+        proc.popen.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        half.sendall(frame[7:])
+        assert recv_frame(half) == b"completed after SIGTERM"
+        assert recv_frame(half) is None  # then a clean end of stream
+        rest = bytearray()
+        while len(rest) < len(big):
+            chunk = framed.recv(1 << 20)
+            assert chunk, "reply cut short"
+            rest += chunk
+        assert bytes(rest) == big
+        assert framed.recv(1) == b""
+        assert raw.recv(1) == b""  # raw: half-closed at once, nothing lost
+        for s in (framed, raw, half):
+            s.close()
+        assert proc.popen.wait(10) == 0
+        time.sleep(0.1)  # let the reader thread collect the last lines
+        assert any("every connection finished" in line for line in proc.lines)
+
+
+def test_second_signal_forces_exit() -> None:
+    with echo_process("--timeout-drain-s", "30") as proc:
+        stuck = socket.create_connection(("127.0.0.1", proc.ports["framed"]), timeout=10)
+        stuck.sendall(b"\x00\x00\x01\x00partial")  # never completed: the drain would wait
+        time.sleep(0.2)
+        proc.popen.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert proc.popen.poll() is None  # still draining
+        started = time.monotonic()
+        proc.popen.send_signal(signal.SIGINT)
+        assert proc.popen.wait(10) == 1
+        assert time.monotonic() - started < 5
+        stuck.close()
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "needle"),
+    [
+        pytest.param(["--raw-port", "-1"], {}, "raw_port", id="negative-port-flag"),
+        pytest.param([], {"WIREKIT_ECHO_FRAMED_PORT": "70000"}, "framed_port", id="port-env"),
+        pytest.param([], {"WIREKIT_ECHO_MODE": "loud"}, "mode", id="bad-mode"),
+        pytest.param(["--no-such-flag"], {}, "no-such-flag", id="unknown-flag"),
+        pytest.param(
+            [], {"WIREKIT_ECHO_LOG_LEVEL_FILE": "/nonexistent/file"}, "LOG_LEVEL_FILE", id="file"
+        ),
+    ],
+)
+def test_bad_settings_exit_2_with_one_clear_line(
+    args: list[str], env: dict[str, str], needle: str
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "wirekit_echo", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("wirekit-echo: invalid settings:")
+    assert needle in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_help_lists_settings_and_their_variables() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "wirekit_echo", "--help"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0
+    for flag, var in [
+        ("--raw-port", "WIREKIT_ECHO_RAW_PORT"),
+        ("--timeout-idle-s", "TIMEOUT_IDLE"),
+    ]:
+        assert flag in result.stdout
+        assert var in result.stdout
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_metrics_move_and_pass_promtool() -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool is missing (install Debian's prometheus package)")
+        pytest.skip("promtool not installed")
+    with echo_process() as proc:
+        assert _get(proc.url("/healthz"))[0] == 200
+        assert _get(proc.url("/readyz"))[0] == 200
+        assert _get(proc.url("/nope"))[0] == 404
+        with socket.create_connection(("127.0.0.1", proc.ports["framed"]), timeout=5) as s:
+            for payload in (b"a" * 10, b"b" * 20):
+                send_frame(s, payload)
+                assert recv_frame(s) == payload
+        status, text = _get(proc.url("/metrics"))
+        assert status == 200
+        assert 'echo_received_bytes_total{mode="framed"} 38.0' in text
+        assert "echo_frames_total 2.0" in text
+        assert "process_resident_memory_bytes" in text
+        check = subprocess.run(
+            [promtool, "check", "metrics"], input=text, capture_output=True, text=True,
+            timeout=30, check=False,
+        )  # fmt: skip
+        assert check.returncode == 0, check.stdout + check.stderr
+        proc.popen.send_signal(signal.SIGTERM)
+        assert proc.popen.wait(10) == 0
+
+
+def _run_client(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [*CLIENT, *args], input=stdin, capture_output=True, timeout=30, check=False
+    )
+
+
+def test_client_cli_one_shot_piped_and_interactive() -> None:
+    with echo_process() as proc:
+        raw, framed = str(proc.ports["raw"]), str(proc.ports["framed"])
+        for mode, port in (("raw", raw), ("framed", framed)):
+            res = _run_client("--port", port, "--mode", mode, "--message", "hello there")
+            assert (res.returncode, res.stdout) == (0, b"hello there\n"), res.stderr
+        blob = os.urandom(200_000)
+        res = _run_client("--port", raw, stdin=blob)  # piped raw: byte-exact stream
+        assert res.returncode == 0
+        assert res.stdout == blob
+        res = _run_client("--port", framed, "--mode", "framed", stdin=b"one\n\ntwo\nquit\nthree\n")
+        assert (res.returncode, res.stdout) == (0, b"one\ntwo\n")
+        proc.popen.send_signal(signal.SIGTERM)
+        assert proc.popen.wait(10) == 0
+    res = _run_client("--port", raw, "--message", "x", "--timeout", "2")  # server gone
+    assert res.returncode == 1
+    assert b"wirekit-echo-client:" in res.stderr
+
+
+def test_nc_echoes_in_raw_mode() -> None:
+    nc = shutil.which("nc")
+    if nc is None:
+        if os.environ.get("CI"):
+            pytest.fail("nc is missing (install netcat-openbsd)")
+        pytest.skip("nc not installed")
+    with echo_process() as proc:
+        res = subprocess.run(
+            [nc, "-N", "127.0.0.1", str(proc.ports["raw"])], input=b"hello, nc\n",
+            capture_output=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert res.stdout == b"hello, nc\n"

@@ -1,0 +1,143 @@
+"""The settings base every service derives from: one pydantic-settings model per service.
+
+Precedence, highest first: command-line flags, ``<PREFIX><NAME>`` environment variables,
+``<PREFIX><NAME>_FILE`` (a path whose content is the value, as the official Docker images do),
+a file named ``<prefix><name>`` in the secrets directory (Docker secrets: ``/run/secrets``), then
+the field default. ``--help`` is generated from the same model, with each variable's name.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal, Self, TypeVar
+
+from pydantic import Field, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
+
+__all__ = ["ServiceSettings", "SettingsLoadError", "load_settings"]
+
+#: Where Docker (and Kubernetes, by convention) mounts secrets.
+DEFAULT_SECRETS_DIR = "/run/secrets"
+
+
+class SettingsLoadError(Exception):
+    """Settings could not be loaded; the message is one line meant for the operator."""
+
+
+class FileEnvSettingsSource(EnvSettingsSource):
+    """Values from ``<PREFIX><NAME>_FILE``: the variable holds a path, the file holds the value."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        for _, env_name, _ in self._extract_field_info(field, field_name):
+            path = self.env_vars.get(f"{env_name}_file")
+            if path is not None:
+                try:
+                    value = Path(path).read_text(encoding="utf-8").strip()
+                except OSError as exc:
+                    raise SettingsError(
+                        f"{env_name.upper()}_FILE: cannot read {path}: {exc.strerror}"
+                    ) from exc
+                return value, env_name, False
+        return None, field_name, False
+
+
+class ServiceSettings(BaseSettings):
+    """Settings every wirekit service has. Subclasses set ``env_prefix`` and ``cli_prog_name``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="WIREKIT_",
+        secrets_dir=DEFAULT_SECRETS_DIR,
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        cli_show_env_vars=True,
+        cli_exit_on_error=False,
+        extra="ignore",
+        frozen=True,
+    )
+
+    host: str = Field(
+        "127.0.0.1",
+        description="Address the service listens on (the images set 0.0.0.0).",
+    )
+    metrics_host: str | None = Field(
+        None, description="Address of the metrics/health HTTP endpoint (default: host)."
+    )
+    metrics_port: int = Field(0, ge=0, le=65535, description="Port of /metrics, /healthz, /readyz.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Least severe level logged (JSON lines on stderr)."
+    )
+    limit_connections: int = Field(
+        1024,
+        ge=1,
+        description="Open connections per listener; one more is accepted, closed and counted.",
+    )
+    timeout_idle_s: float = Field(
+        60.0,
+        gt=0,
+        description="A connection that sends nothing for this long (even mid-frame) is closed.",
+    )
+    timeout_drain_s: float = Field(
+        8.0,
+        ge=0,
+        description="On SIGTERM/SIGINT: time open connections get to finish before being closed.",
+    )
+    event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
+        "auto", description="Event loop: uvloop when installed (auto), or the standard one."
+    )
+
+    @property
+    def metrics_bind(self) -> str:
+        return self.metrics_host if self.metrics_host is not None else self.host
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources = [init_settings, env_settings, FileEnvSettingsSource(settings_cls)]
+        secrets_dir = settings_cls.model_config.get("secrets_dir")
+        if isinstance(secrets_dir, str) and Path(secrets_dir).is_dir():
+            sources.append(file_secret_settings)  # absent outside containers: not an error
+        return tuple(sources)
+
+    @classmethod
+    def load(cls, argv: Sequence[str] | None = None) -> Self:
+        """Parse flags, environment and files. ``--help`` prints and exits 0."""
+        args = list(sys.argv[1:] if argv is None else argv)
+        try:
+            return cls(_cli_parse_args=args)  # type: ignore[call-arg]
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
+                f" (got {err.get('input')!r})"
+                for err in exc.errors()
+            )
+            raise SettingsLoadError(f"invalid settings: {problems}") from None
+        except SettingsError as exc:
+            cause = f": {exc.__cause__}" if exc.__cause__ is not None else ""
+            raise SettingsLoadError(f"invalid settings: {exc}{cause}") from None
+
+
+S = TypeVar("S", bound=ServiceSettings)
+
+
+def load_settings(cls: type[S], argv: Sequence[str] | None = None) -> S:
+    """Load ``cls`` or exit 2 with one clear line on stderr (never a traceback)."""
+    try:
+        return cls.load(argv)
+    except SettingsLoadError as exc:
+        print(f"{cls.model_config.get('cli_prog_name') or 'wirekit'}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
