@@ -4,7 +4,16 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 MEMBERS := shared/framing shared/servicekit services/echo
 
-.PHONY: install run test lint fmt lock clean
+SERVICES    := echo
+VERSION     := 0.1.0
+IMAGE_TAG   ?= $(VERSION)
+# The official image for real users; CI and registry-less machines use `make base-image` and
+# BASE_IMAGE=wirekit-base:local.
+BASE_IMAGE  ?= python:3.11-slim-bookworm
+LOCAL_BASE  ?= wirekit-base:local
+COMPOSE     ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
+
+.PHONY: install run test lint fmt lock clean wheelhouse images base-image up down
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -32,5 +41,28 @@ lock: ## re-pin requirements/*.txt with hashes (needs uv; records no index URLs)
 	cd requirements && uv pip compile requirements.in --generate-hashes --no-header --python-version 3.11 -o runtime.txt -q
 	cd requirements && uv pip compile dev.in --generate-hashes --no-header --python-version 3.11 -o dev.txt -q
 
+wheelhouse: ## pinned dependencies (hash-checked) + wirekit wheels, for hermetic image builds
+	rm -rf wheelhouse && mkdir -p wheelhouse
+	$(BIN)/pip download -q --disable-pip-version-check --require-hashes --no-deps \
+	  --only-binary :all: -r requirements/runtime.txt -d wheelhouse
+	$(BIN)/pip wheel -q --disable-pip-version-check --no-deps --no-build-isolation \
+	  -w wheelhouse $(MEMBERS)
+
+images: wheelhouse ## one image per service: wirekit-<service>:$(IMAGE_TAG)
+	for s in $(SERVICES); do \
+	  docker build -q --build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg VERSION=$(VERSION) \
+	    --target $$s -t wirekit-$$s:$(IMAGE_TAG) . || exit 1; \
+	done
+	docker image ls --format '{{.Repository}}:{{.Tag}}  {{.Size}}' | grep '^wirekit-'
+
+base-image: ## wirekit-base:local from Debian (debootstrap + docker import), for registry-less machines
+	bash deploy/base/build-base-image.sh $(LOCAL_BASE)
+
+up: wheelhouse ## the compose stack: services, Prometheus (:9090), Jaeger (:16686)
+	$(COMPOSE) -p wirekit -f deploy/compose.yaml up -d --build
+
+down:
+	$(COMPOSE) -p wirekit -f deploy/compose.yaml down
+
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) wheelhouse .mypy_cache .pytest_cache .ruff_cache .hypothesis

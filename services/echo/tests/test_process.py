@@ -65,16 +65,25 @@ def echo_process(*args: str, env: dict[str, str] | None = None) -> Iterator[Proc
         popen.wait(10)
 
 
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        assert chunk, f"end of stream after {len(buf)} of {n} bytes"
+        buf += chunk
+    return bytes(buf)
+
+
 def test_sigterm_completes_in_flight_replies_and_exits_zero() -> None:
     with echo_process("--timeout-drain-s", "5") as proc:
         # A large framed reply in flight (client reads slowly), a raw stream, a half-sent frame.
         big = os.urandom(1024 * 1024)  # the default max_frame_size
         framed = socket.create_connection(("127.0.0.1", proc.ports["framed"]), timeout=10)
         send_frame(framed, big, max_frame_size=len(big))
-        assert framed.recv(4, socket.MSG_WAITALL) == struct.pack("!I", len(big))
+        assert _recv_exactly(framed, 4) == struct.pack("!I", len(big))
         raw = socket.create_connection(("127.0.0.1", proc.ports["raw"]), timeout=10)
         raw.sendall(b"raw bytes")
-        assert raw.recv(9, socket.MSG_WAITALL) == b"raw bytes"
+        assert _recv_exactly(raw, 9) == b"raw bytes"
         half = socket.create_connection(("127.0.0.1", proc.ports["framed"]), timeout=10)
         frame = encode(b"completed after SIGTERM")
         half.sendall(frame[:7])

@@ -1,0 +1,51 @@
+# wirekit images: one file, one target per service (`docker build --target echo .`).
+#
+# Hermetic: no network during the build. `make wheelhouse` downloads the pinned, hash-checked
+# dependencies and builds the wirekit wheels on the host into ./wheelhouse; the image installs
+# from there with --no-index. No BuildKit features: the legacy builder is enough.
+#
+# BASE_IMAGE is any Debian bookworm image with python3.11 and python3-venv: the official Python
+# image by default; `make base-image` builds wirekit-base:local with debootstrap for machines
+# that cannot pull from a registry.
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+
+FROM ${BASE_IMAGE} AS base
+# tini as PID 1: forwards signals, reaps orphans. The local base has it; the official image
+# gets Debian's package (the only step that uses the network, skipped when tini is present).
+RUN if [ ! -x /usr/bin/tini ]; then \
+      apt-get update && apt-get install -y --no-install-recommends tini \
+      && rm -rf /var/lib/apt/lists/*; \
+    fi \
+ && groupadd --system --gid 10001 wirekit \
+ && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
+      --shell /usr/sbin/nologin wirekit
+
+FROM base AS venv
+COPY requirements/runtime.txt /wheelhouse/runtime.txt
+COPY wheelhouse/ /wheelhouse/
+RUN python3 -m venv /opt/wirekit \
+ && /opt/wirekit/bin/pip install --no-cache-dir --no-index --find-links /wheelhouse \
+      --require-hashes -r /wheelhouse/runtime.txt \
+ && /opt/wirekit/bin/pip install --no-cache-dir --no-index --no-deps /wheelhouse/wirekit_*.whl \
+ && /opt/wirekit/bin/pip uninstall --yes --quiet pip \
+ && /opt/wirekit/bin/python -m compileall -q /opt/wirekit >/dev/null
+
+FROM base AS runtime
+COPY --from=venv /opt/wirekit /opt/wirekit
+ENV PATH=/opt/wirekit/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+USER 10001:10001
+LABEL org.opencontainers.image.vendor="wirekit"
+
+FROM runtime AS echo
+ARG VERSION=0.1.0
+ENV WIREKIT_ECHO_HOST=0.0.0.0
+EXPOSE 7000/tcp 7001/tcp 9700/tcp
+HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
+  CMD ["python3", "-m", "wirekit_servicekit.healthcheck", "WIREKIT_ECHO_METRICS_PORT", "9700"]
+LABEL org.opencontainers.image.title="wirekit-echo" \
+      org.opencontainers.image.description="TCP echo (RFC 862), raw and length-framed, with Prometheus metrics and OTLP traces" \
+      org.opencontainers.image.version="${VERSION}"
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["/usr/bin/tini", "--", "wirekit-echo"]

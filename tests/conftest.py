@@ -1,0 +1,97 @@
+"""Integration fixtures: images built once per session, hardened containers, cleanup.
+
+Docker is required. Without it these tests skip on a laptop, and fail when ``CI`` is set.
+Ryuk (testcontainers' reaper) is off: its image cannot be pulled on registry-less machines, and
+the fixtures remove what they create themselves.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
+
+import contextlib
+import ipaddress
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import docker
+import pytest
+from docker.errors import DockerException, NotFound
+from testcontainers.core.container import DockerContainer
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVICES = ("echo",)
+#: The base the test images build FROM: CI builds wirekit-base:local (`make base-image`).
+BASE_IMAGE = os.environ.get("WIREKIT_BASE_IMAGE", "wirekit-base:local")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if Path(str(item.fspath)).is_relative_to(ROOT / "tests"):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> Iterator[docker.DockerClient]:
+    try:
+        client = docker.from_env()
+        client.ping()
+    except DockerException as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"Docker is required in CI and does not answer: {exc}")
+        pytest.skip(f"no Docker engine: {exc}")
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def images(docker_client: docker.DockerClient) -> Iterator[dict[str, str]]:
+    """Build every service image once (layers cached across runs); remove the tags at the end."""
+    subprocess.run(
+        ["make", "-s", "wheelhouse", f"BIN={Path(sys.executable).parent}"],
+        cwd=ROOT, check=True, timeout=600,
+    )  # fmt: skip
+    run_id = uuid.uuid4().hex[:8]
+    built: dict[str, str] = {}
+    try:
+        for service in SERVICES:
+            tag = f"wirekit-{service}:it-{run_id}"
+            subprocess.run(
+                ["docker", "build", "-q", "--build-arg", f"BASE_IMAGE={BASE_IMAGE}",
+                 "--target", service, "-t", tag, "."],
+                cwd=ROOT, check=True, timeout=900, stdout=subprocess.DEVNULL,
+            )  # fmt: skip
+            built[service] = tag
+        yield built
+    finally:
+        for tag in built.values():
+            with contextlib.suppress(NotFound):
+                docker_client.images.remove(tag, force=True)
+
+
+@pytest.fixture
+def start() -> Iterator[Callable[[DockerContainer], DockerContainer]]:
+    """Start containers; stop and remove every one at the end of the test."""
+    started: list[DockerContainer] = []
+
+    def _start(container: DockerContainer) -> DockerContainer:
+        started.append(container)  # before start(): a container that fails to start is removed too
+        return container.start()
+
+    yield _start
+    for container in started:
+        with contextlib.suppress(NotFound):
+            container.stop()  # stop + remove (with volumes); a no-op if never created
+
+
+@pytest.fixture(scope="session")
+def docker_gateway(docker_client: docker.DockerClient) -> str:
+    """The host's address on Docker's default bridge: where containers reach a test receiver."""
+    config = docker_client.networks.get("bridge").attrs["IPAM"]["Config"][0]
+    # Older engines leave Gateway out for the default bridge: it is the subnet's first address.
+    return str(config.get("Gateway") or ipaddress.ip_network(config["Subnet"])[1])

@@ -1,0 +1,172 @@
+"""The echo image, run hardened with testcontainers: traffic, health, stop, bad settings."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import socket
+import subprocess
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import docker
+import pytest
+from testcontainers.core.container import DockerContainer
+from wirekit_testkit import hardened, host_port, recv_exactly, wait_ready, wait_until
+
+from wirekit_framing import FramingError, recv_frame, send_frame
+
+PORTS = ("7000/tcp", "7001/tcp", "9700/tcp")
+Start = Callable[[DockerContainer], DockerContainer]
+
+
+def _started_echo(images: dict[str, str], start: Start, **env: str) -> DockerContainer:
+    container = start(hardened(images["echo"], *PORTS, **env))
+    wait_ready(container)
+    return container
+
+
+def _session(port: int, mode: str, seed: int) -> int:
+    rng = random.Random(seed)
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+        sent = 0
+        for _ in range(5):
+            payload = rng.randbytes(rng.choice([1, 100, 4096, 60_000]))
+            if mode == "framed":
+                send_frame(s, payload)
+                assert recv_frame(s) == payload
+                sent += len(payload) + 4
+            else:
+                s.sendall(payload)
+                assert recv_exactly(s, len(payload)) == payload
+                sent += len(payload)
+        return sent
+
+
+def test_many_concurrent_clients_get_byte_exact_echoes(
+    images: dict[str, str], start: Start
+) -> None:
+    container = _started_echo(images, start)
+    ports = {m: host_port(container, p) for m, p in (("raw", "7000/tcp"), ("framed", "7001/tcp"))}
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        jobs = [pool.submit(_session, ports[m], m, i) for m in ("raw", "framed") for i in range(50)]
+        assert all(job.result(timeout=120) > 0 for job in jobs)
+
+
+def test_container_is_hardened_and_reports_healthy(
+    images: dict[str, str], start: Start, docker_client: docker.DockerClient
+) -> None:
+    container = _started_echo(images, start)
+    wrapped = container.get_wrapped_container()
+    status = wait_until(
+        lambda: (
+            (wrapped.reload() or wrapped.attrs["State"].get("Health", {}).get("Status"))
+            == "healthy"
+        ),
+        60,
+        "Docker health status 'healthy'",
+    )
+    assert status
+    attrs = wrapped.attrs
+    assert attrs["Config"]["User"] == "10001:10001"
+    assert attrs["HostConfig"]["ReadonlyRootfs"] is True
+    assert attrs["HostConfig"]["CapDrop"] == ["ALL"]
+    for binding in attrs["NetworkSettings"]["Ports"]["7000/tcp"]:
+        assert binding["HostIp"] == "127.0.0.1"
+    exit_code, output = wrapped.exec_run(["id", "-u"])
+    assert (exit_code, output.strip()) == (0, b"10001")
+    image = docker_client.images.get(images["echo"])
+    assert image.attrs["Config"]["Entrypoint"][:2] == ["/usr/bin/tini", "--"]
+    labels = image.attrs["Config"]["Labels"]
+    assert labels["org.opencontainers.image.title"] == "wirekit-echo"
+
+
+def test_docker_stop_during_traffic_delivers_replies_and_exits_zero(
+    images: dict[str, str], start: Start
+) -> None:
+    container = _started_echo(images, start, WIREKIT_ECHO_TIMEOUT_DRAIN_S="5")
+    port = host_port(container, "7001/tcp")
+    replies = [0] * 20
+    failures: list[str] = []
+    go = threading.Event()
+
+    def ping_pong(i: int) -> None:
+        rng = random.Random(i)
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+                while True:
+                    payload = rng.randbytes(rng.choice([10, 1000, 50_000]))
+                    try:
+                        send_frame(s, payload)
+                    except OSError:
+                        return  # the server half-closed between two requests: fine
+                    try:
+                        reply = recv_frame(s)
+                    except (FramingError, OSError) as exc:
+                        failures.append(f"client {i}: reply cut: {exc!r}")
+                        return
+                    if reply is None:
+                        return  # clean end of stream before this request was read: fine
+                    if reply != payload:
+                        failures.append(f"client {i}: wrong reply")
+                        return
+                    replies[i] += 1
+                    go.set()
+        except OSError as exc:
+            failures.append(f"client {i}: {exc!r}")
+
+    threads = [threading.Thread(target=ping_pong, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    assert go.wait(20)
+    wrapped = container.get_wrapped_container()
+    wrapped.stop(timeout=20)  # SIGTERM, then (after 20 s) SIGKILL: we want the former to suffice
+    for t in threads:
+        t.join(30)
+    wrapped.reload()
+    assert wrapped.attrs["State"]["ExitCode"] == 0
+    assert failures == []
+    assert sum(replies) > 0
+    logs = wrapped.logs().decode()
+    assert "every connection finished" in logs or "closed the rest" in logs
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        pytest.param({"WIREKIT_ECHO_RAW_PORT": "-1"}, "raw_port", id="negative-port"),
+        pytest.param({"WIREKIT_ECHO_TIMEOUT_IDLE_S": "soon"}, "timeout_idle_s", id="not-a-number"),
+    ],
+)
+def test_bad_settings_exit_nonzero_with_one_clear_line(
+    images: dict[str, str], docker_client: docker.DockerClient, env: dict[str, str], needle: str
+) -> None:
+    container = docker_client.containers.run(
+        images["echo"], environment=env, detach=True, read_only=True, cap_drop=["ALL"]
+    )
+    try:
+        result = container.wait(timeout=60)
+        logs = container.logs().decode().strip().splitlines()
+    finally:
+        container.remove(force=True)
+    assert result["StatusCode"] == 2
+    assert len(logs) == 1, logs
+    assert logs[0].startswith("wirekit-echo: invalid settings:")
+    assert needle in logs[0]
+
+
+def test_nc_echoes_through_the_published_port(images: dict[str, str], start: Start) -> None:
+    nc = shutil.which("nc")
+    if nc is None:
+        if os.environ.get("CI"):
+            pytest.fail("nc is missing (install netcat-openbsd)")
+        pytest.skip("nc not installed")
+    container = _started_echo(images, start)
+    port = host_port(container, "7000/tcp")
+    result = subprocess.run(
+        [nc, "-N", "127.0.0.1", str(port)], input=b"hello from nc\n",
+        capture_output=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert result.stdout == b"hello from nc\n"
