@@ -21,6 +21,8 @@ RUN if [ ! -x /usr/bin/tini ]; then \
       --shell /usr/sbin/nologin wirekit
 
 FROM base AS venv
+# Marks this build-only stage, so its leftover image can be pruned (docker image prune --filter).
+LABEL org.wirekit.stage=build
 COPY requirements/runtime.txt /wheelhouse/runtime.txt
 COPY wheelhouse/ /wheelhouse/
 RUN python3 -m venv /opt/wirekit \

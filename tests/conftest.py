@@ -72,6 +72,8 @@ def images(docker_client: docker.DockerClient) -> Iterator[dict[str, str]]:
         for tag in built.values():
             with contextlib.suppress(NotFound):
                 docker_client.images.remove(tag, force=True)
+        # The legacy builder keeps each multi-stage build's intermediate stage as an untagged image.
+        docker_client.images.prune(filters={"dangling": True, "label": "org.wirekit.stage=build"})
 
 
 @pytest.fixture
