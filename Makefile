@@ -2,7 +2,7 @@
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
-MEMBERS := shared/framing shared/servicekit services/echo
+MEMBERS := shared/framing shared/servicekit services/echo services/cmdexec
 
 SERVICES    := echo
 VERSION     := 0.1.0

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -155,6 +156,7 @@ class Listener:
     port: int
     factory: Callable[[], asyncio.BaseProtocol]
     hub: ConnectionHub
+    ssl: ssl.SSLContext | None = None
 
 
 def install_event_loop_policy(choice: str) -> str:
@@ -202,7 +204,7 @@ async def run(
         bound: dict[str, int] = {}
         for lst in listeners:
             server = await loop.create_server(
-                lst.factory, lst.host, lst.port, reuse_address=True, backlog=1024
+                lst.factory, lst.host, lst.port, reuse_address=True, backlog=1024, ssl=lst.ssl
             )
             servers.append(server)
             bound[lst.name] = server.sockets[0].getsockname()[1]

@@ -1,0 +1,95 @@
+"""Every setting of cmdexec: flags, ``WIREKIT_CMDEXEC_*`` variables, ``*_FILE``, Docker secrets."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import SettingsConfigDict
+
+from wirekit_framing import DEFAULT_MAX_FRAME_SIZE, MAX_WIRE_FRAME_SIZE
+from wirekit_servicekit import ServiceSettings
+
+#: Harmless, read-only commands. `cat` and `ls` are limited by DEFAULT_ARG_PATTERNS.
+DEFAULT_ALLOW = ["echo", "date", "uname", "uptime", "hostname", "id", "df", "ls", "cat", "true"]
+#: Every argument of these executables must match the pattern in full.
+DEFAULT_ARG_PATTERNS = {
+    "cat": r"/proc/(loadavg|uptime|meminfo|cpuinfo|version)|/etc/(hostname|os-release)",
+    "ls": r"-[1aAlhF]+|/(?!.*\.\.)[A-Za-z0-9_./-]*",
+    "date": r"-u|-R|--utc|-I[a-z]*|--iso-8601(=[a-z]+)?|\+[A-Za-z0-9%:._ -]*",
+    "hostname": r"-[fsiIdA]",
+    "df": r"-[hkPTl]+",
+}
+
+
+class CmdexecSettings(ServiceSettings):
+    """wirekit cmdexec: remote command execution over TCP. Authenticated, allowlisted, no shell,
+    limited in time, output and concurrency."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="WIREKIT_CMDEXEC_", cli_prog_name="wirekit-cmdexec"
+    )
+
+    port: int = Field(7100, ge=0, le=65535, description="TCP port for clients.")
+    metrics_port: int = Field(
+        9710, ge=0, le=65535, description="Port of /metrics, /healthz, /readyz."
+    )
+    event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
+        "asyncio",
+        description="Event loop. asyncio by default: it spawns children ~3x faster (vfork).",
+    )
+    token: SecretStr | None = Field(
+        None,
+        description="Token clients must send. Unset: a strong one is generated and logged once.",
+    )
+    allow: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_ALLOW),
+        description="Executables that may run: names (looked up in child_path) or absolute paths.",
+    )
+    arg_patterns: dict[str, str] = Field(
+        default_factory=lambda: dict(DEFAULT_ARG_PATTERNS),
+        description="Per executable name: a regex every argument must match in full.",
+    )
+    allow_shell: bool = Field(
+        False, description="Allow EXEC with shell=true (/bin/sh -c STRING). Off: argv only."
+    )
+    child_path: str = Field(
+        "/usr/local/bin:/usr/bin:/bin",
+        description="PATH of children, and where allow names resolve.",
+    )
+    child_env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra environment of children (besides PATH, LANG, HOME). Never the server's.",
+    )
+    workdir: str = Field("/", description="Working directory of children.")
+    timeout_run_s: float = Field(
+        30.0, gt=0, description="Longest run; a client may ask for less, never more."
+    )
+    limit_output_bytes: int = Field(
+        16 * 1024 * 1024, ge=0, description="Output sent per stream per run; the rest is dropped."
+    )
+    limit_runs: int = Field(
+        8, ge=1, description="Commands running at once, server-wide; over: busy."
+    )
+    limit_exec_bytes: int = Field(
+        64 * 1024, ge=64, description="Largest EXEC message (argv and options); over: too_large."
+    )
+    max_frame_size: int = Field(
+        DEFAULT_MAX_FRAME_SIZE, ge=1024, le=MAX_WIRE_FRAME_SIZE,
+        description="Largest frame accepted (STDIN chunks); over: too_large and close.",
+    )  # fmt: skip
+    rlimit_nproc: int | None = Field(
+        256, ge=1, description="RLIMIT_NPROC of children (processes of the server's user)."
+    )
+    rlimit_cpu_s: int | None = Field(60, ge=1, description="RLIMIT_CPU of children, seconds.")
+    rlimit_as_bytes: int | None = Field(
+        2 * 1024**3, ge=1024**2, description="RLIMIT_AS (address space) of children, bytes."
+    )
+    auth_failure_delay_s: float = Field(
+        1.0, ge=0, description="Wait before answering a failed AUTH (slows guessing)."
+    )
+    tls_cert_file: str | None = Field(None, description="PEM certificate chain: turns TLS on.")
+    tls_key_file: str | None = Field(None, description="PEM private key of tls_cert_file.")
+    tls_client_ca_file: str | None = Field(
+        None, description="PEM CA bundle: clients must present a certificate it signed (mTLS)."
+    )
