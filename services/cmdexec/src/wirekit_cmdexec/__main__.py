@@ -25,7 +25,7 @@ from wirekit_servicekit import (
     setup_tracing,
 )
 
-from . import __version__
+from . import __version__, runner
 from .policy import Policy
 from .protocol import CmdexecMetrics, Service, handle
 from .runner import RunLimits
@@ -34,6 +34,8 @@ from .settings import CmdexecSettings
 log = logging.getLogger("wirekit_cmdexec")
 #: Largest buffered read of a connection's StreamReader.
 _READ_LIMIT = 64 * 1024
+#: How often zombies that escaped their command's process group are looked for.
+_STRAY_SWEEP_S = 5.0
 
 
 def server_tls(settings: CmdexecSettings) -> ssl.SSLContext | None:
@@ -111,6 +113,7 @@ async def serve(
     provider = provider if provider is not None else setup_tracing("wirekit-cmdexec", __version__)
     svc = build_service(settings, registry, provider)
     callback = functools.partial(handle, svc)
+    sweeper = asyncio.ensure_future(_sweep_strays(svc)) if runner.become_subreaper() else None
 
     def factory() -> asyncio.StreamReaderProtocol:
         return asyncio.StreamReaderProtocol(asyncio.StreamReader(_READ_LIMIT), callback)
@@ -118,14 +121,25 @@ async def serve(
     listener = Listener(
         "cmdexec", settings.host, settings.port, factory, svc.hub, server_tls(settings)
     )
-    return await run(
-        settings,
-        [listener],
-        MetricsServer(registry, settings.metrics_bind, settings.metrics_port),
-        on_ready=on_ready,
-        cleanup=provider.shutdown if own_provider else None,
-        stop=stop,
-    )
+    try:
+        return await run(
+            settings,
+            [listener],
+            MetricsServer(registry, settings.metrics_bind, settings.metrics_port),
+            on_ready=on_ready,
+            cleanup=provider.shutdown if own_provider else None,
+            stop=stop,
+        )
+    finally:
+        if sweeper is not None:
+            sweeper.cancel()
+
+
+async def _sweep_strays(svc: Service) -> None:
+    """As a subreaper, reap descendants that escaped their command's process group."""
+    while True:
+        await asyncio.sleep(_STRAY_SWEEP_S)
+        runner.reap_strays(svc.pids)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
@@ -88,6 +88,7 @@ class Service:
     tracer: trace.Tracer
     hub: ConnectionHub
     running: int = 0
+    pids: set[int] = field(default_factory=set)  # main process of each command being run
 
     def __post_init__(self) -> None:
         # Children bound once: no label lookup per output chunk.
@@ -253,7 +254,7 @@ class Connection:
             try:
                 out = await runner.run(
                     decision.path, decision.args, svc.limits, timeout_s=timeout,
-                    want_stdin=req.stdin, send=self.send, inbox=self.inbox,
+                    want_stdin=req.stdin, send=self.send, inbox=self.inbox, active=svc.pids,
                 )  # fmt: skip
             except OSError as exc:
                 svc.metrics.runs.labels("error").inc()

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import resource
 import signal
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from .messages import Kind
 
@@ -71,10 +73,23 @@ async def run(
     want_stdin: bool,
     send: Send,
     inbox: Inbox,
+    active: set[int],
 ) -> Outcome:
+    """Run one command to its end; ``active`` holds the pids of commands being run."""
     loop = asyncio.get_running_loop()
     started = loop.time()
-    proc = await asyncio.create_subprocess_exec(
+    # Process.wait() only returns once the pipes are closed too, and a background grandchild
+    # can hold them open forever: the protocol tells us when the command itself has exited.
+    exited: asyncio.Future[None] = loop.create_future()
+
+    class _Protocol(asyncio.subprocess.SubprocessStreamProtocol):
+        def process_exited(self) -> None:
+            super().process_exited()
+            if not exited.done():
+                exited.set_result(None)
+
+    transport, protocol = await loop.subprocess_exec(
+        lambda: _Protocol(limit=CHUNK, loop=loop),
         path,
         *args,
         stdin=asyncio.subprocess.PIPE if want_stdin else asyncio.subprocess.DEVNULL,
@@ -85,7 +100,9 @@ async def run(
         start_new_session=True,  # its own session and process group: pgid == pid
         close_fds=True,
     )
+    proc = asyncio.subprocess.Process(transport, protocol, loop)
     pgid = proc.pid
+    active.add(pgid)
     # prlimit(2) from here rather than a preexec_fn: the child keeps the fast vfork spawn path.
     for name, value in limits.rlimits.items():
         with contextlib.suppress(ProcessLookupError, OSError):
@@ -115,32 +132,33 @@ async def run(
         asyncio.ensure_future(pump(proc.stdout, Kind.STDOUT, "stdout")),
         asyncio.ensure_future(pump(proc.stderr, Kind.STDERR, "stderr")),
     ]
-    waiter = asyncio.ensure_future(proc.wait())
     control = asyncio.ensure_future(_control(proc, pgid, inbox))
     try:
-        done, _ = await asyncio.wait(
-            {waiter, control}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
-        )
-        if waiter not in done:
+        first: set[asyncio.Future[Any]] = {exited, control}
+        done, _ = await asyncio.wait(first, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        if exited not in done:
             if control in done:
                 out.aborted = control.result()
             else:
                 out.timed_out = True
             _killpg(pgid)
-            await waiter
+            await exited
         # The command is over. A background grandchild may still hold its pipes: give them a
         # moment to reach end of file, then kill whatever is left of the group, always.
         _, pending = await asyncio.wait(pumps, timeout=PIPE_GRACE_S)
         _killpg(pgid)
+        await reap_group(pgid)
         if pending:
             await asyncio.wait(pending, timeout=1.0)
     finally:
         for task in (*pumps, control):
             task.cancel()
         _killpg(pgid)
-        if proc.returncode is None:  # cancelled (server shutdown): still reap the child
-            await asyncio.shield(waiter)
-    rc = proc.returncode
+        if not exited.done():  # cancelled (server shutdown): still wait for the exit
+            await asyncio.shield(exited)
+        transport.close()  # our ends of the pipes, whoever else still holds theirs
+        active.discard(pgid)
+    rc = transport.get_returncode()
     assert rc is not None
     if rc < 0:
         out.signal = signal.Signals(-rc).name.removeprefix("SIG")
@@ -167,3 +185,49 @@ async def _control(proc: asyncio.subprocess.Process, pgid: int, inbox: Inbox) ->
             _killpg(pgid, signal.Signals[f"SIG{getattr(body, 'name', '')}"])
         else:
             return "bad_request"
+
+
+# -- no zombie, ever ---------------------------------------------------------------------------
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> bool:
+    """Make orphaned descendants of our commands re-parent to this process (not to PID 1), so
+    the service reaps them itself whatever PID 1 is. Linux only; False where unavailable."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+async def reap_group(pgid: int, limit_s: float = 2.0) -> None:
+    """Reap the killed members of a command's process group that were re-parented to us."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + limit_s
+    while loop.time() < end:
+        try:
+            pid, _ = os.waitpid(-pgid, os.WNOHANG)  # noqa: ASYNC222 - WNOHANG never blocks
+        except ChildProcessError:
+            return  # none of our children is left in that group
+        if pid == 0:
+            await asyncio.sleep(0.005)  # killed, not yet dead
+
+
+def reap_strays(running: set[int]) -> int:
+    """Reap zombie children that are not commands being run (strays that escaped their group)."""
+    me = os.getpid()
+    reaped = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in running:
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] == b"Z" and int(fields[1]) == me:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(int(entry), os.WNOHANG)
+                reaped += 1
+    return reaped
