@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import time
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from testcontainers.core.container import DockerContainer
@@ -79,3 +81,32 @@ def http_ok(url: str) -> bool:
 def wait_ready(container: DockerContainer, metrics_port: str = "9700/tcp") -> None:
     port = host_port(container, metrics_port)
     wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/readyz"), 30, "the service's /readyz")
+
+
+def make_test_pki(directory: Path) -> dict[str, Path]:
+    """A throwaway CA, a server certificate (localhost, 127.0.0.1) and a client certificate,
+    made with Debian's openssl. Returns the paths by name."""
+    directory.mkdir(parents=True, exist_ok=True)
+    p = {n: directory / n for n in ("ca.key", "ca.pem", "server.key", "server.pem",
+                                    "client.key", "client.pem")}  # fmt: skip
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+    key = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes")
+    openssl("req", "-x509", *key, "-keyout", str(p["ca.key"]), "-out", str(p["ca.pem"]),
+            "-days", "2", "-subj", "/CN=wirekit test CA")  # fmt: skip
+    for name, ext in (
+        ("server", "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth"),
+        ("client", "extendedKeyUsage=clientAuth"),
+    ):
+        csr, extfile = directory / f"{name}.csr", directory / f"{name}.ext"
+        extfile.write_text(ext + "\n")
+        openssl("req", *key, "-keyout", str(p[f"{name}.key"]), "-out", str(csr),
+                "-subj", f"/CN=wirekit test {name}")  # fmt: skip
+        openssl("x509", "-req", "-in", str(csr), "-CA", str(p["ca.pem"]), "-CAkey",
+                str(p["ca.key"]), "-CAcreateserial", "-out", str(p[f"{name}.pem"]),
+                "-days", "2", "-extfile", str(extfile))  # fmt: skip
+    for path in p.values():
+        path.chmod(0o644)  # readable by a container's non-root user (throwaway keys)
+    return p

@@ -154,10 +154,9 @@ class Connection:
         try:
             while (frame := await read_frame(self.reader, self.svc.max_frame_size)) is not None:
                 self.activity += 1
-                kind, body = decode(frame)
-                if kind is Kind.EXEC and len(frame) > self.svc.limit_exec_bytes:
+                if frame[:1] == _KIND_BYTE[Kind.EXEC] and len(frame) > self.svc.limit_exec_bytes:
                     raise ProtocolError(ErrorCode.TOO_LARGE, "EXEC over limit_exec_bytes")
-                await self.inbox.put((kind, body))
+                await self.inbox.put(decode(frame))
         except FrameTooLarge as exc:
             await self.inbox.put((Kind.ERROR, ProtocolError(ErrorCode.TOO_LARGE, str(exc))))
         except BadMessage as exc:
