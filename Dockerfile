@@ -51,3 +51,16 @@ LABEL org.opencontainers.image.title="wirekit-echo" \
       org.opencontainers.image.version="${VERSION}"
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/bin/tini", "--", "wirekit-echo"]
+
+FROM runtime AS cmdexec
+ARG VERSION=0.1.0
+# Commands run as the image's non-root user, with a minimal environment, in the read-only root.
+ENV WIREKIT_CMDEXEC_HOST=0.0.0.0
+EXPOSE 7100/tcp 9710/tcp
+HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
+  CMD ["python3", "-m", "wirekit_servicekit.healthcheck", "WIREKIT_CMDEXEC_METRICS_PORT", "9710"]
+LABEL org.opencontainers.image.title="wirekit-cmdexec" \
+      org.opencontainers.image.description="Remote command execution over TCP: authenticated, allowlisted, no shell, limited" \
+      org.opencontainers.image.version="${VERSION}"
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["/usr/bin/tini", "--", "wirekit-cmdexec"]

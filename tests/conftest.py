@@ -23,9 +23,10 @@ import docker
 import pytest
 from docker.errors import DockerException, NotFound
 from testcontainers.core.container import DockerContainer
+from wirekit_testkit import OtlpReceiver, Prometheus, free_port, http_ok, tool, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVICES = ("echo",)
+SERVICES = ("echo", "cmdexec")
 #: The base the test images build FROM: CI builds wirekit-base:local (`make base-image`).
 BASE_IMAGE = os.environ.get("WIREKIT_BASE_IMAGE", "wirekit-base:local")
 
@@ -97,3 +98,57 @@ def docker_gateway(docker_client: docker.DockerClient) -> str:
     config = docker_client.networks.get("bridge").attrs["IPAM"]["Config"][0]
     # Older engines leave Gateway out for the default bridge: it is the subnet's first address.
     return str(config.get("Gateway") or ipaddress.ip_network(config["Subnet"])[1])
+
+
+@pytest.fixture
+def prometheus_for(tmp_path: Path) -> Iterator[Callable[[dict[str, int]], Prometheus]]:
+    """Start Debian's prometheus on loopback, scraping the given targets every second."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def _start(targets: dict[str, int]) -> Prometheus:
+        config = tmp_path / "prometheus.yml"
+        jobs = "".join(
+            f"  - job_name: {job}\n    static_configs:\n      - targets: ['127.0.0.1:{port}']\n"
+            for job, port in targets.items()
+        )
+        config.write_text(f"global:\n  scrape_interval: 1s\nscrape_configs:\n{jobs}")
+        check = subprocess.run(
+            [tool("promtool"), "check", "config", str(config)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert check.returncode == 0, check.stdout + check.stderr
+        port = free_port()
+        log = (tmp_path / "prometheus.log").open("wb")
+        procs.append(
+            subprocess.Popen(
+                [
+                    tool("prometheus"),
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{port}",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
+        base = f"http://127.0.0.1:{port}"
+        wait_until(lambda: http_ok(base + "/-/ready"), 60, "prometheus ready")
+        return Prometheus(base)
+
+    yield _start
+    for proc in procs:  # stopped by PID, never by name
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+@pytest.fixture
+def otlp_receiver(docker_gateway: str) -> Iterator[OtlpReceiver]:
+    receiver = OtlpReceiver(docker_gateway)  # reachable from containers on the default bridge
+    receiver.thread.start()
+    yield receiver
+    receiver.server.shutdown()
+    receiver.server.server_close()

@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import socket
 import subprocess
-import urllib.parse
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 from testcontainers.core.container import DockerContainer
 from wirekit_testkit import (
-    free_port,
+    Prometheus,
     hardened,
     host_port,
-    http_ok,
     recv_exactly,
+    tool,
     wait_ready,
     wait_until,
 )
@@ -30,83 +25,12 @@ ROOT = Path(__file__).resolve().parents[1]
 Start = Callable[[DockerContainer], DockerContainer]
 
 
-def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{name} is missing (install Debian's prometheus package)")
-        pytest.skip(f"{name} not installed")
-    return path
-
-
 def test_promtool_accepts_the_deploy_config() -> None:
     result = subprocess.run(
-        [_tool("promtool"), "check", "config", str(ROOT / "deploy/prometheus/prometheus.yml")],
+        [tool("promtool"), "check", "config", str(ROOT / "deploy/prometheus/prometheus.yml")],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-
-
-class Prometheus:
-    def __init__(self, base: str) -> None:
-        self.base = base
-
-    def query(self, expr: str) -> list[dict[str, object]]:
-        url = f"{self.base}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            body = json.load(resp)
-        assert body["status"] == "success", body
-        result: list[dict[str, object]] = body["data"]["result"]
-        return result
-
-    def value(self, expr: str) -> float | None:
-        result = self.query(expr)
-        return float(result[0]["value"][1]) if result else None  # type: ignore[index]
-
-
-@pytest.fixture
-def prometheus_for(tmp_path: Path) -> Iterator[Callable[[dict[str, int]], Prometheus]]:
-    """Start Debian's prometheus on loopback, scraping the given targets every second."""
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def _start(targets: dict[str, int]) -> Prometheus:
-        config = tmp_path / "prometheus.yml"
-        jobs = "".join(
-            f"  - job_name: {job}\n    static_configs:\n      - targets: ['127.0.0.1:{port}']\n"
-            for job, port in targets.items()
-        )
-        config.write_text(f"global:\n  scrape_interval: 1s\nscrape_configs:\n{jobs}")
-        check = subprocess.run(
-            [_tool("promtool"), "check", "config", str(config)],
-            capture_output=True, text=True, timeout=60, check=False,
-        )  # fmt: skip
-        assert check.returncode == 0, check.stdout + check.stderr
-        port = free_port()
-        log = (tmp_path / "prometheus.log").open("wb")
-        procs.append(
-            subprocess.Popen(
-                [
-                    _tool("prometheus"),
-                    f"--config.file={config}",
-                    f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                    f"--web.listen-address=127.0.0.1:{port}",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        )
-        base = f"http://127.0.0.1:{port}"
-        wait_until(lambda: http_ok(base + "/-/ready"), 60, "prometheus ready")
-        return Prometheus(base)
-
-    yield _start
-    for proc in procs:  # stopped by PID, never by name
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 def test_prometheus_scrapes_the_echo_container_and_sees_the_bytes_sent(

@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
+import gzip
+import json
+import os
+import shutil
 import socket
 import subprocess
+import threading
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from testcontainers.core.container import DockerContainer
 
 
-def hardened(image: str, *ports: str, **env: str) -> DockerContainer:
+def hardened(
+    image: str, *ports: str, docker_kwargs: dict[str, Any] | None = None, **env: str
+) -> DockerContainer:
     """A container run as a careful operator would: read-only, no capabilities, no privilege
     escalation, the image's non-root user, ports published on 127.0.0.1 only."""
     container = (
@@ -24,6 +40,7 @@ def hardened(image: str, *ports: str, **env: str) -> DockerContainer:
             security_opt=["no-new-privileges:true"],
             # Keep the image's HEALTHCHECK command; check every second instead of every 10 s.
             healthcheck={"interval": 1_000_000_000, "start_period": 1_000_000_000},
+            **(docker_kwargs or {}),
         )
         .with_tmpfs_mount("/tmp", "size=16m")
     )
@@ -110,3 +127,76 @@ def make_test_pki(directory: Path) -> dict[str, Path]:
     for path in p.values():
         path.chmod(0o644)  # readable by a container's non-root user (throwaway keys)
     return p
+
+
+def tool(name: str) -> str:
+    """Path of a command the tests need: a skip on a laptop without it, a failure in CI."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is missing (see .ci/run for what to install)")
+        pytest.skip(f"{name} not installed")
+    return path
+
+
+class Prometheus:
+    def __init__(self, base: str) -> None:
+        self.base = base
+
+    def query(self, expr: str) -> list[dict[str, object]]:
+        url = f"{self.base}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            body = json.load(resp)
+        assert body["status"] == "success", body
+        result: list[dict[str, object]] = body["data"]["result"]
+        return result
+
+    def value(self, expr: str) -> float | None:
+        result = self.query(expr)
+        return float(result[0]["value"][1]) if result else None  # type: ignore[index]
+
+
+class OtlpReceiver:
+    """An OTLP/HTTP (protobuf) trace receiver: decodes every request it gets."""
+
+    def __init__(self, host: str) -> None:
+        self.requests: list[ExportTraceServiceRequest] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                ok = self.path == "/v1/traces"
+                if ok:
+                    receiver.requests.append(ExportTraceServiceRequest.FromString(body))
+                reply = ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200 if ok else 404)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer((host, 0), Handler)
+        self.endpoint = f"http://{host}:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def spans(self) -> list[tuple[dict[str, object], Span]]:
+        """(resource attributes, span) for every span received so far."""
+        out = []
+        for request in list(self.requests):
+            for resource_spans in request.resource_spans:
+                resource = {
+                    kv.key: otlp_value(kv.value) for kv in resource_spans.resource.attributes
+                }
+                for scope_spans in resource_spans.scope_spans:
+                    out.extend((resource, span) for span in scope_spans.spans)
+        return out
+
+
+def otlp_value(value: AnyValue) -> object:
+    return getattr(value, value.WhichOneof("value") or "string_value")

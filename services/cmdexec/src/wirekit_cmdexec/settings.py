@@ -10,8 +10,9 @@ from pydantic_settings import SettingsConfigDict
 from wirekit_framing import DEFAULT_MAX_FRAME_SIZE, MAX_WIRE_FRAME_SIZE
 from wirekit_servicekit import ServiceSettings
 
-#: Harmless, read-only commands. `cat` and `ls` are limited by DEFAULT_ARG_PATTERNS.
-DEFAULT_ALLOW = ["echo", "date", "uname", "uptime", "hostname", "id", "df", "ls", "cat", "true"]
+#: Harmless, read-only commands (uptime: `cat /proc/uptime`; procps is not in slim images).
+#: `cat`, `ls`, `date`, `hostname` and `df` are limited by DEFAULT_ARG_PATTERNS.
+DEFAULT_ALLOW = ["echo", "date", "uname", "hostname", "id", "df", "ls", "cat", "true"]
 #: Every argument of these executables must match the pattern in full.
 DEFAULT_ARG_PATTERNS = {
     "cat": r"/proc/(loadavg|uptime|meminfo|cpuinfo|version)|/etc/(hostname|os-release)",
