@@ -285,3 +285,15 @@ async def _until(predicate: Any, limit_s: float = 10) -> None:
 async def _gone(pid: int) -> None:
     """The process is dead and reaped (not a zombie, not running)."""
     await _until(lambda: not os.path.exists(f"/proc/{pid}"), 10)
+
+
+async def test_resource_limits_are_applied_to_children(start_cmdexec: Any) -> None:
+    async with start_cmdexec(rlimit_nproc=77, rlimit_cpu_s=13, rlimit_as_bytes=1 << 30) as h:
+        # `sleep` first: the limits are set with prlimit(2) right after the spawn.
+        res = await h.run(["sh", "-c", "sleep 0.2; cat /proc/$$/limits"])
+    limits = {
+        line[:26].strip(): line[26:].split()[:2] for line in res.stdout.decode().splitlines()[1:]
+    }
+    assert limits["Max processes"] == ["77", "77"]
+    assert limits["Max cpu time"] == ["13", "13"]
+    assert limits["Max address space"] == [str(1 << 30), str(1 << 30)]
