@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from wirekit_cmdexec import protocol
+from wirekit_cmdexec.client import RemoteError
 from wirekit_cmdexec.messages import Auth, Exec, Kind, decode, encode_json
 from wirekit_cmdexec.settings import DEFAULT_ALLOW
 from wirekit_framing import encode, recv_frame
@@ -181,3 +182,12 @@ async def test_generated_token_is_logged_once_and_works(
         assert len(tokens[0]) >= 40  # 32 random bytes, urlsafe base64
         res = await asyncio.to_thread(h.run_sync, ["echo", "ok"], client=h.client(tokens[0]))
         assert res.stdout == b"ok\n"
+
+
+async def test_shell_mode_runs_only_when_enabled(start_cmdexec: Any) -> None:
+    async with start_cmdexec(allow=["true"], allow_shell=True, workdir="/tmp") as h:
+        res = await h.run(["echo one && pwd"], shell=True)
+        assert (res.exit.code, res.stdout) == (0, b"one\n/tmp\n")
+        with pytest.raises(RemoteError) as info:
+            await h.run(["echo", "two"], shell=True)  # shell mode takes one string
+        assert info.value.code == "forbidden"

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from wirekit_testkit import make_test_pki
+from wirekit_testkit import OtlpReceiver, make_test_pki, wait_until
 
 TOKEN = "test-token-0123456789"
 
@@ -159,3 +159,33 @@ def test_streaming_100_mb_keeps_server_memory_bounded() -> None:
         assert total == 100_000_000
         grew_mib = (_hwm_kib(pid) - before) / 1024
         assert grew_mib < 40, f"server peak memory grew by {grew_mib:.0f} MiB"
+
+
+def test_cli_span_and_server_span_share_one_trace() -> None:
+    receiver = OtlpReceiver("127.0.0.1")
+    receiver.thread.start()
+    otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    try:
+        with server_process("--allow", ALLOW, env=otel) as srv:
+            res = subprocess.run(
+                [sys.executable, "-m", "wirekit_cmdexec.client", "run", "--port", str(srv["port"]),
+                 "--", "echo", "traced"],
+                capture_output=True, timeout=60, check=False,
+                env={**os.environ, "WIREKIT_CMDEXEC_TOKEN": TOKEN, **otel},
+            )  # fmt: skip
+            assert res.returncode == 0, res.stderr
+
+            def both() -> dict[str, Any]:
+                spans = {span.name: (res_attrs, span) for res_attrs, span in receiver.spans()}
+                return spans if {"cmdexec.run", "cmdexec.client run"} <= spans.keys() else {}
+
+            spans = wait_until(both, 30, "client and server spans")
+        (client_res, client_span) = spans["cmdexec.client run"]
+        (server_res, server_span) = spans["cmdexec.run"]
+        assert client_res["service.name"] == "wirekit-cmdexec-client"
+        assert server_res["service.name"] == "wirekit-cmdexec"
+        assert server_span.trace_id == client_span.trace_id
+        assert server_span.parent_span_id == client_span.span_id
+    finally:
+        receiver.server.shutdown()
+        receiver.server.server_close()

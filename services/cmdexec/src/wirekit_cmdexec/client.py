@@ -69,12 +69,13 @@ class CmdexecClient:
         stdin: BinaryIO | None = None,
         timeout_s: float | None = None,
         traceparent: str | None = None,
+        shell: bool = False,
     ) -> Exit:
         self._send(
             encode_json(
                 Kind.EXEC,
                 Exec(argv=list(argv), timeout_s=timeout_s, stdin=stdin is not None,
-                     traceparent=traceparent),
+                     traceparent=traceparent, shell=shell),
             )
         )  # fmt: skip
         if stdin is not None:
@@ -163,7 +164,7 @@ def run_one(client: CmdexecClient, argv: Sequence[str], args: argparse.Namespace
             result = client.run(
                 argv, on_stdout=_write(sys.stdout.buffer), on_stderr=_write(sys.stderr.buffer),
                 stdin=sys.stdin.buffer if args.stdin else None, timeout_s=args.timeout,
-                traceparent=carrier.get("traceparent"),
+                traceparent=carrier.get("traceparent"), shell=args.shell,
             )  # fmt: skip
         except KeyboardInterrupt:
             client.signal("INT")
@@ -224,9 +225,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     sub = parser.add_subparsers(dest="action", required=True)
     run_p = sub.add_parser("run", parents=[common], help="run one command")
     run_p.add_argument("--stdin", action="store_true", help="forward local stdin to the command")
+    run_p.add_argument(
+        "--shell", action="store_true", help="one string for /bin/sh -c (server: allow_shell)"
+    )
     run_p.add_argument("command", nargs="+", help="the command and its arguments (after --)")
     shell_p = sub.add_parser("shell", parents=[common], help="interactive: one command per line")
-    shell_p.set_defaults(stdin=False)
+    shell_p.set_defaults(stdin=False, shell=False)
     return parser.parse_args(argv)
 
 
