@@ -2,7 +2,7 @@
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
-MEMBERS := shared/framing shared/servicekit services/echo services/cmdexec
+MEMBERS := shared/framing shared/servicekit services/echo services/cmdexec services/udp
 
 SERVICES    := echo cmdexec
 VERSION     := 0.1.0

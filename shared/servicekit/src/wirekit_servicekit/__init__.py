@@ -5,7 +5,14 @@ health endpoint (:class:`MetricsServer`), tracing from ``OTEL_*`` (:func:`setup_
 server lifecycle (:func:`run`, :class:`ConnectionHub`).
 """
 
-from .lifecycle import Connection, ConnectionHub, Listener, install_event_loop_policy, run
+from .lifecycle import (
+    Connection,
+    ConnectionHub,
+    DatagramListener,
+    Listener,
+    install_event_loop_policy,
+    run,
+)
 from .logs import TraceContextFilter, configure_logging
 from .metrics import ConnectionMetrics, MetricsServer, new_registry
 from .settings import ServiceSettings, SettingsLoadError, load_settings
@@ -15,6 +22,7 @@ __all__ = [
     "Connection",
     "ConnectionHub",
     "ConnectionMetrics",
+    "DatagramListener",
     "Listener",
     "MetricsServer",
     "ServiceSettings",

@@ -30,7 +30,15 @@ from prometheus_client import Counter, Gauge
 from .metrics import MetricsServer
 from .settings import ServiceSettings
 
-__all__ = ["Connection", "ConnectionHub", "Listener", "drain", "install_event_loop_policy", "run"]
+__all__ = [
+    "Connection",
+    "ConnectionHub",
+    "DatagramListener",
+    "Listener",
+    "drain",
+    "install_event_loop_policy",
+    "run",
+]
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +167,16 @@ class Listener:
     ssl: ssl.SSLContext | None = None
 
 
+@dataclass(frozen=True)
+class DatagramListener:
+    """One UDP endpoint: ``factory`` builds its DatagramProtocol. Stateless: nothing to drain."""
+
+    name: str
+    host: str
+    port: int
+    factory: Callable[[], asyncio.DatagramProtocol]
+
+
 def install_event_loop_policy(choice: str) -> str:
     """Use uvloop when asked (or on ``auto`` when installed). Returns the loop actually used."""
     if choice in ("auto", "uvloop"):
@@ -176,7 +194,7 @@ def install_event_loop_policy(choice: str) -> str:
 
 async def run(
     settings: ServiceSettings,
-    listeners: Sequence[Listener],
+    listeners: Sequence[Listener | DatagramListener],
     metrics: MetricsServer,
     on_ready: Callable[[dict[str, int]], None] | None = None,
     cleanup: Callable[[], Awaitable[None] | None] | None = None,
@@ -199,10 +217,19 @@ async def run(
         loop.add_signal_handler(signum, on_signal, signum)
 
     servers: list[asyncio.Server] = []
+    endpoints: list[asyncio.BaseTransport] = []
+    hubs = [lst.hub for lst in listeners if isinstance(lst, Listener)]
     metrics.start()
     try:
         bound: dict[str, int] = {}
         for lst in listeners:
+            if isinstance(lst, DatagramListener):
+                transport, _ = await loop.create_datagram_endpoint(
+                    lst.factory, local_addr=(lst.host, lst.port)
+                )
+                endpoints.append(transport)
+                bound[lst.name] = transport.get_extra_info("sockname")[1]
+                continue
             server = await loop.create_server(
                 lst.factory, lst.host, lst.port, reuse_address=True, backlog=1024, ssl=lst.ssl
             )
@@ -221,7 +248,9 @@ async def run(
         metrics.ready = False
         for server in servers:
             server.close()  # stop accepting; open connections are left to the hubs
-        closed = await drain([lst.hub for lst in listeners], settings.timeout_drain_s, force)
+        for endpoint in endpoints:
+            endpoint.close()  # datagrams already received have been answered
+        closed = await drain(hubs, settings.timeout_drain_s, force)
         if force.is_set():
             return 1
         if closed:
@@ -230,6 +259,8 @@ async def run(
             log.info("drained: every connection finished")
         return 0
     finally:
+        for endpoint in endpoints:
+            endpoint.close()
         for server in servers:
             server.close()
         for server in servers:

@@ -8,6 +8,7 @@ server, off the event loop, so a slow scraper never delays a client.
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -72,8 +73,12 @@ class MetricsServer:
     def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
         self.ready = False
         self._metrics_app = make_wsgi_app(registry)
-        self._server = make_server(
-            host, port, self._app, ThreadingWSGIServer, handler_class=_QuietHandler
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[
+            0
+        ][0]
+        server_class = type("MetricsHTTPServer", (ThreadingWSGIServer,), {"address_family": family})
+        self._server: ThreadingWSGIServer = make_server(
+            host, port, self._app, server_class, handler_class=_QuietHandler
         )
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="metrics-http", daemon=True

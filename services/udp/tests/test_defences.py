@@ -1,0 +1,108 @@
+"""The defences, sans-I/O and with a fake transport (addresses a real socket cannot send from)."""
+
+from __future__ import annotations
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+
+from wirekit_udp.defences import SourceLimiter, TokenBucket, is_broadcast_or_multicast
+from wirekit_udp.protocol import DropReporter, UdpEcho, UdpStats
+from wirekit_udp.settings import UdpSettings
+
+
+@pytest.mark.parametrize(
+    ("host", "bad"),
+    [
+        ("127.0.0.1", False), ("192.0.2.7", False), ("::1", False), ("2001:db8::5", False),
+        ("255.255.255.255", True), ("224.0.0.1", True), ("239.255.255.250", True),
+        ("0.0.0.0", True), ("240.0.0.9", True), ("ff02::1", True), ("::", True),
+        ("::ffff:224.0.0.251", True), ("::ffff:10.1.2.3", False), ("fe80::1%eth0", False),
+        ("not-an-address", True),
+    ],
+)  # fmt: skip
+def test_broadcast_and_multicast_sources_are_recognised(host: str, bad: bool) -> None:
+    assert is_broadcast_or_multicast(host) is bad
+
+
+def test_token_bucket_allows_burst_then_rate() -> None:
+    bucket = TokenBucket(rate=10, burst=5, now=0.0)
+    assert [bucket.take(0.0) for _ in range(7)] == [True] * 5 + [False] * 2
+    assert bucket.take(0.05) is False  # half a token
+    assert bucket.take(0.1) is True  # one token after 100 ms
+    assert bucket.take(100.0) is True  # refill is capped at the burst
+    assert sum(bucket.take(100.0) for _ in range(10)) == 4
+
+
+def test_source_table_is_bounded_and_counts_limited_sources() -> None:
+    limiter = SourceLimiter(rate=1, burst=1, limit=100)
+    for i in range(10_000):
+        limiter.allow(f"10.0.{i // 256}.{i % 256}", now=0.0)
+    assert len(limiter) == 100
+    assert limiter.limited == 0
+    assert limiter.allow("10.9.9.9", 0.0) is True
+    assert limiter.allow("10.9.9.9", 0.0) is False
+    assert limiter.limited == 1
+    assert limiter.allow("10.9.9.9", 5.0) is True  # refilled: no longer limited
+    assert limiter.limited == 0
+    assert limiter.allow("10.9.9.9", 5.0) is False
+    for i in range(200):  # evicted while limited: the gauge follows
+        limiter.allow(f"10.8.0.{i}", 5.0)
+    assert limiter.limited == 0
+    assert len(limiter) == 100
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, tuple[str, int]]] = []
+
+    def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.sent.append((data, addr))
+
+
+def _echo(**overrides: object) -> tuple[UdpEcho, FakeTransport, UdpStats]:
+    settings = UdpSettings(**overrides)  # type: ignore[arg-type]
+    stats = UdpStats()
+    limiter = SourceLimiter(
+        settings.rate_per_source, settings.burst_per_source, settings.limit_sources
+    )
+    reporter = DropReporter(TracerProvider().get_tracer("t"), 1.0)
+    proto = UdpEcho(settings, stats, limiter, reporter, clock=lambda: 0.0)
+    transport = FakeTransport()
+    proto.connection_made(transport)  # type: ignore[arg-type]
+    return proto, transport, stats
+
+
+@pytest.mark.parametrize(
+    ("addr", "reason"),
+    [
+        (("224.0.0.1", 5000), "broadcast_multicast"),
+        (("255.255.255.255", 5000), "broadcast_multicast"),
+        (("ff02::1", 5000), "broadcast_multicast"),
+        (("127.0.0.1", 19), "privileged_port"),
+        (("127.0.0.1", 2049), "denied_port"),
+        (("127.0.0.1", 7200), "denied_port"),
+    ],
+)
+def test_forbidden_sources_get_no_answer(addr: tuple[str, int], reason: str) -> None:
+    proto, transport, stats = _echo()
+    proto.datagram_received(b"ping", addr)
+    assert transport.sent == []
+    assert stats.dropped[reason] == 1
+    proto.datagram_received(b"ping", ("127.0.0.1", 40000))
+    assert transport.sent == [(b"ping", ("127.0.0.1", 40000))]
+
+
+def test_global_rate_limit_bounds_what_many_sources_get() -> None:
+    proto, transport, stats = _echo(rate_global=1, burst_global=50, rate_per_source=1000,
+                                    burst_per_source=1000)  # fmt: skip
+    for i in range(1000):
+        proto.datagram_received(b"x", (f"10.1.{i // 256}.{i % 256}", 40000))
+    assert len(transport.sent) <= 51
+    assert stats.dropped["rate_limit_global"] >= 949
+
+
+def test_deny_privileged_ports_can_be_turned_off() -> None:
+    proto, transport, _ = _echo(deny_privileged_ports=False)
+    proto.datagram_received(b"x", ("127.0.0.1", 999))
+    proto.datagram_received(b"x", ("127.0.0.1", 19))  # still in the deny list
+    assert transport.sent == [(b"x", ("127.0.0.1", 999))]
