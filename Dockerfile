@@ -64,3 +64,16 @@ LABEL org.opencontainers.image.title="wirekit-cmdexec" \
       org.opencontainers.image.version="${VERSION}"
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/bin/tini", "--", "wirekit-cmdexec"]
+
+FROM runtime AS udp
+ARG VERSION=0.1.0
+ENV WIREKIT_UDP_HOST=0.0.0.0
+EXPOSE 7200/udp 9720/tcp
+# The health endpoint answers only while the UDP endpoint is bound and serving.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
+  CMD ["python3", "-m", "wirekit_servicekit.healthcheck", "WIREKIT_UDP_METRICS_PORT", "9720"]
+LABEL org.opencontainers.image.title="wirekit-udp" \
+      org.opencontainers.image.description="UDP echo (RFC 862) with reflection and loop defences" \
+      org.opencontainers.image.version="${VERSION}"
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["/usr/bin/tini", "--", "wirekit-udp"]

@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 MEMBERS := shared/framing shared/servicekit services/echo services/cmdexec services/udp
 
-SERVICES    := echo cmdexec
+SERVICES    := echo cmdexec udp
 VERSION     := 0.1.0
 IMAGE_TAG   ?= $(VERSION)
 # The official image for real users; CI and registry-less machines use `make base-image` and
