@@ -38,11 +38,11 @@ def test_compose_file_is_valid() -> None:
 
 def test_compose_publishes_on_loopback_only_and_runs_hardened() -> None:
     text = (ROOT / "deploy/compose.yaml").read_text()
-    published = re.findall(r'^\s*-\s*"([^"]*:\d+:\d+)"', text, flags=re.MULTILINE)
-    assert len(published) >= 5  # echo x3, prometheus, jaeger
+    published = re.findall(r'^\s*-\s*"([^"]*:\d+:\d+(?:/udp)?)"', text, flags=re.MULTILINE)
+    assert len(published) >= 9  # echo x3, cmdexec x2, udp x2, prometheus, jaeger
     for mapping in published:
         assert mapping.startswith("127.0.0.1:"), mapping
-    echo = text[text.index("  echo:") : text.index("  prometheus:")]
-    assert "<<: *hardened" in echo
+    services = text[text.index("  echo:") : text.index("  prometheus:")]
+    assert services.count("<<: *hardened") == 3
     for line in ("read_only: true", "cap_drop: [ALL]", "no-new-privileges:true"):
         assert line in text
