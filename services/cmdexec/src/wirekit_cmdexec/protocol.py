@@ -71,6 +71,11 @@ class CmdexecMetrics:
             "protocol_errors", "Connections closed for a protocol error, by code.", ["code"],
             namespace=ns, registry=registry,
         )  # fmt: skip
+        # Every series exists from the start, at 0: rate() and alerts see the first event.
+        for result in RESULTS:
+            self.runs.labels(result)
+        for code in ("unauthorized", "bad_request", "too_large"):
+            self.errors.labels(code)
 
 
 @dataclass

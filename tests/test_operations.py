@@ -1,0 +1,218 @@
+"""The operations kit, checked: metric names against the running services, Prometheus rules and
+their unit tests, Grafana provisioning, and the Kubernetes manifests against the schemas."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+from wirekit_testkit import tool
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+K8S_VERSION = "1.32.0"
+SERVICES = {"echo": "wirekit_echo", "cmdexec": "wirekit_cmdexec", "udp": "wirekit_udp"}
+METRIC = re.compile(r"\b((?:echo|cmdexec|udp|process)_[a-z_]+)\b")
+
+
+# -- the names the services really export ------------------------------------------------------
+@pytest.fixture(scope="module")
+def exported_names() -> Iterator[set[str]]:
+    """Start the three services for real and collect every sample name from their /metrics."""
+    procs, names = [], {"up"}
+    try:
+        for module in SERVICES.values():
+            popen = subprocess.Popen(
+                [sys.executable, "-m", module, "--metrics-port", "0",
+                 *(["--raw-port", "0", "--framed-port", "0"] if module == "wirekit_echo"
+                   else ["--port", "0"])],
+                stderr=subprocess.PIPE, text=True,
+                env={"PATH": "/usr/bin:/bin", "WIREKIT_CMDEXEC_TOKEN": "t" * 32},
+            )  # fmt: skip
+            procs.append(popen)
+            assert popen.stderr is not None
+            port = None
+            for line in popen.stderr:
+                record = json.loads(line)
+                if record.get("message") == "listening":
+                    port = record["ports"]["metrics"]
+                    break
+            assert port, f"{module} did not start"
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+                text = resp.read().decode()
+            for family in text_string_to_metric_families(text):
+                names.update(sample.name for sample in family.samples)
+        yield names
+    finally:
+        for popen in procs:
+            popen.terminate()
+            popen.wait(15)
+
+
+def _rule_exprs() -> list[str]:
+    rules = yaml.safe_load((DEPLOY / "prometheus/rules/wirekit.yml").read_text())
+    return [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
+
+
+def _dashboard_exprs() -> list[str]:
+    out = []
+    for path in sorted((DEPLOY / "grafana/dashboards").glob("*.json")):
+        for panel in json.loads(path.read_text())["panels"]:
+            out.extend(t["expr"] for t in panel.get("targets", []))
+    return out
+
+
+@pytest.mark.parametrize("source", ["rules", "dashboards"])
+def test_every_metric_name_used_exists_in_the_real_metrics(
+    exported_names: set[str], source: str
+) -> None:
+    exprs = _rule_exprs() if source == "rules" else _dashboard_exprs()
+    used = {name for expr in exprs for name in METRIC.findall(expr)}
+    assert len(used) >= 8
+    missing = sorted(used - exported_names)
+    assert missing == [], f"{source} use metrics no service exports: {missing}"
+
+
+def test_the_name_check_can_fail(exported_names: set[str]) -> None:
+    assert "echo_no_such_metric_total" not in exported_names
+    assert "echo_received_bytes_total" in exported_names
+    assert "cmdexec_runs_total" in exported_names
+    assert "udp_datagrams_dropped_total" in exported_names
+
+
+# -- Prometheus -------------------------------------------------------------------------------
+def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([tool("promtool"), *args], capture_output=True, text=True, timeout=120,
+                          check=False, cwd=DEPLOY / "prometheus")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(("check", "config", "prometheus.yml"), id="check-config"),
+        pytest.param(("check", "rules", "rules/wirekit.yml"), id="check-rules"),
+        pytest.param(("test", "rules", "rules-tests/wirekit.test.yaml"), id="test-rules"),
+    ],
+)
+def test_promtool(args: tuple[str, ...]) -> None:
+    result = _promtool(*args)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_alert_has_severity_summary_and_a_unit_test() -> None:
+    rules = yaml.safe_load((DEPLOY / "prometheus/rules/wirekit.yml").read_text())
+    tests = (DEPLOY / "prometheus/rules-tests/wirekit.test.yaml").read_text()
+    operations = (ROOT / "docs/operations.md").read_text()
+    alerts = [r for g in rules["groups"] for r in g["rules"] if "alert" in r]
+    assert len(alerts) >= 7
+    for rule in alerts:
+        assert rule["labels"]["severity"] in ("critical", "warning")
+        assert rule["annotations"]["summary"]
+        assert f"alertname: {rule['alert']}" in tests, f"{rule['alert']} has no unit test"
+        assert rule["alert"] in operations, f"{rule['alert']} is not explained in operations.md"
+
+
+# -- Grafana ----------------------------------------------------------------------------------
+def test_grafana_provisioning_and_dashboards() -> None:
+    datasources = yaml.safe_load(
+        (DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text()
+    )
+    uid = datasources["datasources"][0]["uid"]
+    providers = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/wirekit.yml").read_text())
+    assert providers["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
+    compose = (DEPLOY / "compose.yaml").read_text()
+    assert "./grafana/dashboards:/var/lib/grafana/dashboards:ro" in compose
+    uids = set()
+    for name in SERVICES:
+        dashboard = json.loads((DEPLOY / f"grafana/dashboards/{name}.json").read_text())
+        uids.add(dashboard["uid"])
+        titles = [p["title"] for p in dashboard["panels"] if p["type"] == "row"]
+        assert titles[:2] == ["Rate", "Errors"] or titles[:2] == ["Rate", "Errors and drops"]
+        assert "Saturation" in titles
+        for panel in dashboard["panels"]:
+            if panel["type"] != "row":
+                assert panel["datasource"]["uid"] == uid
+                assert panel["targets"]
+    assert len(uids) == 3
+
+
+# -- Kubernetes -------------------------------------------------------------------------------
+def _render(overlay: str) -> list[dict[str, Any]]:
+    result = subprocess.run(
+        [tool("kubectl"), "kustomize", str(DEPLOY / "k8s" / overlay)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+OVERLAYS = ["base", "overlays/dev", "overlays/production"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_manifests_validate_against_the_kubernetes_schemas(overlay: str) -> None:
+    docs = _render(overlay)
+    kinds = sorted({d["kind"] for d in docs})
+    for needed in ("Deployment", "Service", "Secret", "NetworkPolicy", "HorizontalPodAutoscaler",
+                   "Namespace"):  # fmt: skip
+        assert needed in kinds
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_schema_validation_can_fail() -> None:
+    bad = _render("base")[-1]
+    bad = {**bad, "spec": {**bad["spec"], "no_such_field": 1}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_container_meets_the_restricted_profile(overlay: str) -> None:
+    docs = _render(overlay)
+    namespace = next(d for d in docs if d["kind"] == "Namespace")
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    deployments = [d for d in docs if d["kind"] == "Deployment"]
+    assert {d["metadata"]["name"] for d in deployments} == {f"wirekit-{s}" for s in SERVICES}
+    hpas = {
+        d["spec"]["scaleTargetRef"]["name"] for d in docs if d["kind"] == "HorizontalPodAutoscaler"
+    }
+    for dep in deployments:
+        pod = dep["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        assert pod["automountServiceAccountToken"] is False
+        annotations = dep["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true"
+        labels = dep["spec"]["template"]["metadata"]["labels"]
+        assert labels["app.kubernetes.io/part-of"] == "wirekit"  # selected by the NetworkPolicy
+        assert dep["metadata"]["name"] in hpas
+        for container in pod["containers"]:
+            sc = container["securityContext"]
+            assert sc["runAsNonRoot"] is True
+            assert sc["readOnlyRootFilesystem"] is True
+            assert sc["allowPrivilegeEscalation"] is False
+            assert sc["capabilities"]["drop"] == ["ALL"]
+            assert "add" not in sc["capabilities"]
+            assert sc["seccompProfile"]["type"] == "RuntimeDefault"
+            assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+            assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+            assert container["resources"]["requests"]
+            assert container["resources"]["limits"]
+            assert annotations["prometheus.io/port"] == str(
+                next(p["containerPort"] for p in container["ports"] if p["name"] == "metrics")
+            )
+    udp_service = next(
+        d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "wirekit-udp"
+    )
+    assert {p["protocol"] for p in udp_service["spec"]["ports"]} == {"UDP", "TCP"}
