@@ -105,13 +105,18 @@ def prometheus_for(tmp_path: Path) -> Iterator[Callable[[dict[str, int]], Promet
     """Start Debian's prometheus on loopback, scraping the given targets every second."""
     procs: list[subprocess.Popen[bytes]] = []
 
-    def _start(targets: dict[str, int]) -> Prometheus:
+    def _start(targets: dict[str, int], rule_files: tuple[Path, ...] = ()) -> Prometheus:
         config = tmp_path / "prometheus.yml"
         jobs = "".join(
             f"  - job_name: {job}\n    static_configs:\n      - targets: ['127.0.0.1:{port}']\n"
             for job, port in targets.items()
         )
-        config.write_text(f"global:\n  scrape_interval: 1s\nscrape_configs:\n{jobs}")
+        rules = "".join(f"  - {path}\n" for path in rule_files)
+        config.write_text(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+            + (f"rule_files:\n{rules}" if rules else "")
+            + f"scrape_configs:\n{jobs}"
+        )
         check = subprocess.run(
             [tool("promtool"), "check", "config", str(config)],
             capture_output=True, text=True, timeout=60, check=False,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -16,7 +17,9 @@ import kubernetes_validate
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from wirekit_testkit import tool
+from wirekit_testkit import tool, wait_until
+
+from wirekit_cmdexec.client import CmdexecClient, RemoteError
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -216,3 +219,42 @@ def test_every_container_meets_the_restricted_profile(overlay: str) -> None:
         d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "wirekit-udp"
     )
     assert {p["protocol"] for p in udp_service["spec"]["ports"]} == {"UDP", "TCP"}
+
+
+# -- an alert firing for real ------------------------------------------------------------------
+def test_the_shipped_rules_fire_in_a_real_prometheus(prometheus_for: Any, tmp_path: Path) -> None:
+    """cmdexec as a process, Debian's Prometheus with deploy/prometheus/rules, wrong tokens:
+    WirekitCmdexecAuthFailures fires (no `for:`, so on the next evaluation)."""
+    popen = subprocess.Popen(
+        [sys.executable, "-m", "wirekit_cmdexec", "--port", "0", "--metrics-port", "0",
+         "--auth-failure-delay-s", "0"],
+        stderr=subprocess.PIPE, text=True,
+        env={"PATH": "/usr/bin:/bin", "WIREKIT_CMDEXEC_TOKEN": "right-token-" + "x" * 20},
+    )  # fmt: skip
+    assert popen.stderr is not None
+    try:
+        ports: dict[str, int] = {}
+        for line in popen.stderr:
+            record = json.loads(line)
+            if record.get("message") == "listening":
+                ports = record["ports"]
+                break
+        prom = prometheus_for(
+            {"wirekit-cmdexec": ports["metrics"]}, (DEPLOY / "prometheus/rules/wirekit.yml",)
+        )
+        wait_until(lambda: prom.value('up{job="wirekit-cmdexec"}') == 1.0, 60, "first scrape")
+        for _ in range(15):
+            with socket.create_connection(("127.0.0.1", ports["cmdexec"]), timeout=10) as s:
+                client = CmdexecClient(s, "guess")
+                with pytest.raises(RemoteError):
+                    client.run(["true"], on_stdout=print, on_stderr=print)
+
+        def firing() -> bool:
+            return any(a["labels"]["alertname"] == "WirekitCmdexecAuthFailures"
+                       and a["state"] == "firing" for a in prom.alerts())  # fmt: skip
+
+        wait_until(firing, 60, "WirekitCmdexecAuthFailures firing")
+        assert not any(a["labels"]["alertname"] == "WirekitTargetDown" for a in prom.alerts())
+    finally:
+        popen.terminate()
+        popen.wait(15)

@@ -151,6 +151,12 @@ class Prometheus:
         result: list[dict[str, object]] = body["data"]["result"]
         return result
 
+    def alerts(self) -> list[dict[str, Any]]:
+        with urllib.request.urlopen(f"{self.base}/api/v1/alerts", timeout=5) as resp:
+            body = json.load(resp)
+        alerts: list[dict[str, Any]] = body["data"]["alerts"]
+        return alerts
+
     def value(self, expr: str) -> float | None:
         result = self.query(expr)
         return float(result[0]["value"][1]) if result else None  # type: ignore[index]
