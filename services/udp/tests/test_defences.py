@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import CollectorRegistry
 
 from wirekit_udp.defences import SourceLimiter, TokenBucket, is_broadcast_or_multicast
 from wirekit_udp.protocol import DropReporter, UdpEcho, UdpStats
@@ -61,10 +62,10 @@ class FakeTransport:
 
 def _echo(**overrides: object) -> tuple[UdpEcho, FakeTransport, UdpStats]:
     settings = UdpSettings(**overrides)  # type: ignore[arg-type]
-    stats = UdpStats()
     limiter = SourceLimiter(
         settings.rate_per_source, settings.burst_per_source, settings.limit_sources
     )
+    stats = UdpStats(CollectorRegistry(), limiter)
     reporter = DropReporter(TracerProvider().get_tracer("t"), 1.0)
     proto = UdpEcho(settings, stats, limiter, reporter, clock=lambda: 0.0)
     transport = FakeTransport()
@@ -87,7 +88,7 @@ def test_forbidden_sources_get_no_answer(addr: tuple[str, int], reason: str) -> 
     proto, transport, stats = _echo()
     proto.datagram_received(b"ping", addr)
     assert transport.sent == []
-    assert stats.dropped[reason] == 1
+    assert stats.dropped[reason].n == 1
     proto.datagram_received(b"ping", ("127.0.0.1", 40000))
     assert transport.sent == [(b"ping", ("127.0.0.1", 40000))]
 
@@ -98,7 +99,7 @@ def test_global_rate_limit_bounds_what_many_sources_get() -> None:
     for i in range(1000):
         proto.datagram_received(b"x", (f"10.1.{i // 256}.{i % 256}", 40000))
     assert len(transport.sent) <= 51
-    assert stats.dropped["rate_limit_global"] >= 949
+    assert stats.dropped["rate_limit_global"].n >= 949
 
 
 def test_deny_privileged_ports_can_be_turned_off() -> None:

@@ -16,10 +16,17 @@ from typing import ClassVar, cast
 
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter
 
-from wirekit_framing import FrameDecoder, FrameTooLarge, encode_many
-from wirekit_servicekit import ConnectionHub, ConnectionMetrics, connection_span
+from wirekit_framing import MAX_WIRE_FRAME_SIZE, FrameDecoder, FrameTooLarge, encode, encode_many
+from wirekit_servicekit import (
+    ConnectionHub,
+    ConnectionMetrics,
+    HotCounter,
+    HotHistogram,
+    connection_span,
+)
+from wirekit_servicekit.metrics import Cell
 
 log = logging.getLogger(__name__)
 
@@ -37,22 +44,23 @@ class EchoMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         ns = "echo"
         self.connections = ConnectionMetrics(ns, registry, ["mode"])
-        self.received = Counter(
+        # Per-read metrics: lock-free cells read at scrape time (see HotCounter).
+        self.received = HotCounter(
             "received_bytes", "Bytes received from clients.", ["mode"],
             namespace=ns, registry=registry,
         )  # fmt: skip
-        self.sent = Counter(
+        self.sent = HotCounter(
             "sent_bytes", "Bytes queued back to clients.", ["mode"],
             namespace=ns, registry=registry,
         )  # fmt: skip
-        self.frames = Counter(
+        self.frames = HotCounter(
             "frames", "Frames echoed (framed mode).", namespace=ns, registry=registry
         )
         self.errors = Counter(
             "errors", "Connections ended by an error, by kind.", ["mode", "kind"],
             namespace=ns, registry=registry,
         )  # fmt: skip
-        self.handling = Histogram(
+        self.handling = HotHistogram(
             "handling_seconds",
             "Framed mode: time from a read to its replies written, per read.",
             buckets=LATENCY_BUCKETS, namespace=ns, registry=registry,
@@ -67,10 +75,10 @@ class EchoContext:
     hub: ConnectionHub
     tracer: trace.Tracer
     max_frame_size: int
-    received: Counter
-    sent: Counter
-    frames: Counter
-    handling: Histogram
+    received: Cell
+    sent: Cell
+    frames: Cell
+    handling: HotHistogram
     errors: dict[str, Counter]
 
     @classmethod
@@ -99,7 +107,7 @@ class EchoContext:
             max_frame_size=max_frame_size,
             received=metrics.received.labels(mode),
             sent=metrics.sent.labels(mode),
-            frames=metrics.frames,
+            frames=metrics.frames.labels(),
             handling=metrics.handling,
             errors={kind: metrics.errors.labels(mode, kind) for kind in ERROR_KINDS},
         )
@@ -197,12 +205,12 @@ class RawEcho(_EchoConnection):
     def data_received(self, data: bytes) -> None:
         n = len(data)
         self.activity += n
-        self.ctx.received.inc(n)
-        assert self.transport is not None
+        ctx = self.ctx
+        ctx.received.n += n
         if self.half_closed:
             return  # draining: nothing more can be sent
-        self.transport.write(data)
-        self.ctx.sent.inc(n)
+        self.transport.write(data)  # type: ignore[union-attr]
+        ctx.sent.n += n
 
 
 class FramedEcho(_EchoConnection):
@@ -219,7 +227,7 @@ class FramedEcho(_EchoConnection):
         n = len(data)
         self.activity += n
         ctx = self.ctx
-        ctx.received.inc(n)
+        ctx.received.n += n
         try:
             frames = self.decoder.feed(data)
         except FrameTooLarge as exc:
@@ -229,10 +237,15 @@ class FramedEcho(_EchoConnection):
             return
         if frames:
             assert self.transport is not None
-            out = encode_many(frames, ctx.max_frame_size)
+            # The decoder has checked every size already; one frame (the usual case): one concat.
+            out = (
+                encode(frames[0], MAX_WIRE_FRAME_SIZE)
+                if len(frames) == 1
+                else encode_many(frames, MAX_WIRE_FRAME_SIZE)
+            )
             self.transport.write(out)
-            ctx.sent.inc(len(out))
-            ctx.frames.inc(len(frames))
+            ctx.sent.n += len(out)
+            ctx.frames.n += len(frames)
             ctx.handling.observe(perf_counter() - start)
         if self.draining and self._idle():
             self._finish()

@@ -23,7 +23,7 @@ from wirekit_servicekit import (
 
 from . import __version__
 from .defences import SourceLimiter
-from .protocol import DropReporter, UdpEcho, UdpStats, register
+from .protocol import DropReporter, UdpEcho, UdpStats
 from .settings import UdpSettings
 
 log = logging.getLogger("wirekit_udp")
@@ -39,10 +39,9 @@ async def serve(
     registry = registry if registry is not None else new_registry()
     own_provider = provider is None
     provider = provider if provider is not None else setup_tracing("wirekit-udp", __version__)
-    stats = UdpStats()
     limiter = SourceLimiter(settings.rate_per_source, settings.burst_per_source,
                             settings.limit_sources)  # fmt: skip
-    register(registry, stats, limiter)
+    stats = UdpStats(registry, limiter)
     reporter = DropReporter(
         provider.get_tracer("wirekit_udp", __version__), settings.report_interval_s
     )

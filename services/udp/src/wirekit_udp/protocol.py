@@ -1,6 +1,6 @@
 """The UDP echo: one ``DatagramProtocol`` answers each datagram byte-exact, in one datagram,
 unless a defence drops it. Nothing on the hot path takes a lock: counters are plain integers
-that a Prometheus collector reads at scrape time, and drops are reported (log line + span) at
+that Prometheus reads at scrape time, and drops are reported (log line + span) at
 most once per reason per interval, with how many they stand for.
 """
 
@@ -10,13 +10,13 @@ import asyncio
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 from opentelemetry import trace
-from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
+from prometheus_client import CollectorRegistry, Gauge
+
+from wirekit_servicekit import HotCounter
+from wirekit_servicekit.metrics import Cell
 
 from .defences import SourceLimiter, TokenBucket, is_broadcast_or_multicast
 from .settings import UdpSettings
@@ -30,47 +30,31 @@ DROP_REASONS = (
 )  # fmt: skip
 
 
-@dataclass
 class UdpStats:
-    """Plain integers moved on the hot path; read by :class:`UdpCollector` at scrape time."""
+    """The service's metrics. Per-datagram ones are lock-free cells (see HotCounter)."""
 
-    received: int = 0
-    received_bytes: int = 0
-    sent: int = 0
-    sent_bytes: int = 0
-    dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
+    def __init__(self, registry: CollectorRegistry, limiter: SourceLimiter) -> None:
+        ns = "udp"
 
+        def cell(name: str, doc: str) -> Cell:
+            return HotCounter(name, doc, namespace=ns, registry=registry).labels()
 
-class UdpCollector(Collector):
-    def __init__(self, stats: UdpStats, limiter: SourceLimiter) -> None:
-        self.stats = stats
-        self.limiter = limiter
-
-    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
-        s = self.stats
-        for name, doc, value in (
-            ("udp_datagrams_received", "Datagrams received.", s.received),
-            ("udp_received_bytes", "Bytes received.", s.received_bytes),
-            ("udp_datagrams_sent", "Datagrams answered.", s.sent),
-            ("udp_sent_bytes", "Bytes answered.", s.sent_bytes),
-        ):
-            yield CounterMetricFamily(name, doc, value=value)
-        dropped = CounterMetricFamily(
-            "udp_datagrams_dropped", "Datagrams not answered, by reason.", labels=["reason"]
-        )
-        for reason, count in list(s.dropped.items()):
-            dropped.add_metric([reason], count)
-        yield dropped
-        yield GaugeMetricFamily(
-            "udp_rate_limited_sources",
+        self.received = cell("datagrams_received", "Datagrams received.")
+        self.received_bytes = cell("received_bytes", "Bytes received.")
+        self.sent = cell("datagrams_sent", "Datagrams answered.")
+        self.sent_bytes = cell("sent_bytes", "Bytes answered.")
+        dropped = HotCounter("datagrams_dropped", "Datagrams not answered, by reason.", ["reason"],
+                             namespace=ns, registry=registry)  # fmt: skip
+        self.dropped = {reason: dropped.labels(reason) for reason in DROP_REASONS}
+        Gauge(
+            "rate_limited_sources",
             "Source addresses whose last datagram was refused by their rate limit.",
-            value=self.limiter.limited,
-        )
-        yield GaugeMetricFamily(
-            "udp_tracked_sources",
-            "Source addresses in the rate-limit table.",
-            value=len(self.limiter),
-        )
+            namespace=ns, registry=registry,
+        ).set_function(lambda: limiter.limited)  # fmt: skip
+        Gauge(
+            "tracked_sources", "Source addresses in the rate-limit table.",
+            namespace=ns, registry=registry,
+        ).set_function(lambda: len(limiter))  # fmt: skip
 
 
 class DropReporter:
@@ -145,13 +129,13 @@ class UdpEcho(asyncio.DatagramProtocol):
                 raw.setblocking(False)
                 raw.sendto(b"", addr)
         except OSError:
-            self.stats.dropped["send_error"] += 1
+            self.stats.dropped["send_error"].n += 1
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         stats = self.stats
         n = len(data)
-        stats.received += 1
-        stats.received_bytes += n
+        stats.received.n += 1
+        stats.received_bytes.n += n
         port = addr[1]
         if n > self.max_size:
             reason = "oversize"
@@ -173,16 +157,12 @@ class UdpEcho(asyncio.DatagramProtocol):
                     self.transport.sendto(data, addr)  # the same bytes: never larger
                 else:
                     self._send_empty(addr)
-                stats.sent += 1
-                stats.sent_bytes += n
+                stats.sent.n += 1
+                stats.sent_bytes.n += n
                 return
-        stats.dropped[reason] += 1
+        stats.dropped[reason].n += 1
         self.reporter.drop(reason, addr, self._time())
 
     def error_received(self, exc: Exception) -> None:
         # ICMP errors for earlier answers (e.g. port unreachable): counted, never fatal.
-        self.stats.dropped["send_error"] += 1
-
-
-def register(registry: CollectorRegistry, stats: UdpStats, limiter: SourceLimiter) -> None:
-    registry.register(UdpCollector(stats, limiter))
+        self.stats.dropped["send_error"].n += 1

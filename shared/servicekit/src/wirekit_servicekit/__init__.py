@@ -14,7 +14,7 @@ from .lifecycle import (
     run,
 )
 from .logs import TraceContextFilter, configure_logging
-from .metrics import ConnectionMetrics, MetricsServer, new_registry
+from .metrics import ConnectionMetrics, HotCounter, HotHistogram, MetricsServer, new_registry
 from .settings import ServiceSettings, SettingsLoadError, load_settings
 from .tracing import connection_span, setup_tracing
 
@@ -23,6 +23,8 @@ __all__ = [
     "ConnectionHub",
     "ConnectionMetrics",
     "DatagramListener",
+    "HotCounter",
+    "HotHistogram",
     "Listener",
     "MetricsServer",
     "ServiceSettings",
