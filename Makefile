@@ -13,7 +13,7 @@ BASE_IMAGE  ?= python:3.11-slim-bookworm
 LOCAL_BASE  ?= wirekit-base:local
 COMPOSE     ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
 
-.PHONY: install run test lint fmt lock clean wheelhouse images base-image up down
+.PHONY: install run test lint fmt lock clean wheelhouse images base-image up down bench
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -37,9 +37,16 @@ fmt:
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+bench: ## the benchmark matrix (~15 min, loopback): bench/results/latest.{md,json}, throughput.png
+	command -v xinetd >/dev/null && command -v sshd >/dev/null || \
+	  apt-get install -y -qq --no-install-recommends xinetd openssh-server openssh-client >/dev/null
+	$(BIN)/pip install -q --disable-pip-version-check --require-hashes -r requirements/bench.txt
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
 lock: ## re-pin requirements/*.txt with hashes (needs uv; records no index URLs)
 	cd requirements && uv pip compile requirements.in --generate-hashes --no-header --python-version 3.11 -o runtime.txt -q
 	cd requirements && uv pip compile dev.in --generate-hashes --no-header --python-version 3.11 -o dev.txt -q
+	cd requirements && uv pip compile bench.in --generate-hashes --no-header --python-version 3.11 -o bench.txt -q
 
 wheelhouse: ## pinned dependencies (hash-checked) + wirekit wheels, for hermetic image builds
 	rm -rf wheelhouse && mkdir -p wheelhouse

@@ -58,6 +58,10 @@ class PingPong(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+
+    def begin(self, deadline: float) -> None:
+        """Start once every connection is up (1,000 connects take a while)."""
+        self.deadline = deadline
         self.next_at = self.loop.time()
         self.send()
 
@@ -110,6 +114,9 @@ class UdpPing(asyncio.DatagramProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
+
+    def begin(self, deadline: float) -> None:
+        self.deadline = deadline
         self.next_at = self.loop.time()
         self.send()
 
@@ -151,10 +158,9 @@ class UdpPing(asyncio.DatagramProtocol):
 async def run(args: argparse.Namespace) -> dict[str, object]:
     loop = asyncio.get_running_loop()
     stats = Stats()
-    start_at = loop.time() + args.warmup
-    deadline = start_at + args.duration
     interval = args.conns / args.rate if args.rate else 0.0
-    conns = []
+    deadline = float("inf")
+    conns: list[PingPong | UdpPing] = []
     for i in range(args.conns):
         msg = message(args.size, args.framed, i)
         if args.kind == "udp":
@@ -167,6 +173,10 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 lambda m=msg: PingPong(m, stats, interval, deadline), "127.0.0.1", args.port
             )
         conns.append(proto)
+    start_at = loop.time() + args.warmup
+    deadline = start_at + args.duration
+    for i, conn in enumerate(conns):  # spread the paced sends over one interval
+        loop.call_later(interval * i / len(conns), conn.begin, deadline)
     await asyncio.sleep(max(0.0, start_at - loop.time()))
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     print("start", flush=True)
@@ -215,7 +225,7 @@ def main() -> None:
     p.add_argument("--warmup", type=float, default=0.5)
     p.add_argument("--framed", action="store_true")
     args = p.parse_args()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     uvloop.install()
     result = asyncio.run(hold_idle(args) if args.kind == "idle" else run(args))

@@ -213,3 +213,23 @@ async def test_drain_delivers_in_flight_replies_then_closes(start_echo: Any) -> 
         for w in (w1, w2):
             w.close()
         assert await asyncio.wait_for(h.task, 5) == 0  # type: ignore[arg-type]
+
+
+async def test_framed_stream_of_sticky_frames_in_random_chunks(echo: Any) -> None:
+    """Many frames in arbitrary chunks (reads end mid-header, mid-payload, on boundaries):
+    the replies are exactly the frames, in order."""
+    rng = random.Random(7)
+    frames = [rng.randbytes(rng.choice([0, 1, 3, 4, 5, 100, 5000])) for _ in range(300)]
+    wire = b"".join(encode(f) for f in frames)
+    reader, writer = await echo.connect("framed")
+    pos = 0
+    while pos < len(wire):
+        step = rng.choice([1, 2, 3, 4, 5, 7, 64, 1000, 9000])
+        writer.write(wire[pos : pos + step])
+        await writer.drain()
+        pos += step
+        if rng.random() < 0.3:
+            await asyncio.sleep(0.001)  # let the server read this piece on its own
+    got = [await asyncio.wait_for(read_frame(reader), 10) for _ in frames]
+    assert got == frames
+    writer.close()

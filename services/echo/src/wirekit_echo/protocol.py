@@ -18,7 +18,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 from prometheus_client import CollectorRegistry, Counter
 
-from wirekit_framing import MAX_WIRE_FRAME_SIZE, FrameDecoder, FrameTooLarge, encode, encode_many
+from wirekit_framing import MAX_WIRE_FRAME_SIZE, FrameDecoder, FrameTooLarge, encode_many
 from wirekit_servicekit import (
     ConnectionHub,
     ConnectionMetrics,
@@ -228,8 +228,10 @@ class FramedEcho(_EchoConnection):
         self.activity += n
         ctx = self.ctx
         ctx.received.n += n
+        decoder = self.decoder
+        fresh = decoder.buffered == 0
         try:
-            frames = self.decoder.feed(data)
+            frames = decoder.feed(data)
         except FrameTooLarge as exc:
             self._fail("frame_too_large", str(exc), close=True)
             return
@@ -237,12 +239,10 @@ class FramedEcho(_EchoConnection):
             return
         if frames:
             assert self.transport is not None
-            # The decoder has checked every size already; one frame (the usual case): one concat.
-            out = (
-                encode(frames[0], MAX_WIRE_FRAME_SIZE)
-                if len(frames) == 1
-                else encode_many(frames, MAX_WIRE_FRAME_SIZE)
-            )
+            if fresh and decoder.buffered == 0:
+                out = data  # the read was whole frames, and the reply is those very bytes
+            else:  # sizes were checked by the decoder already
+                out = encode_many(frames, MAX_WIRE_FRAME_SIZE)
             self.transport.write(out)
             ctx.sent.n += len(out)
             ctx.frames.n += len(frames)

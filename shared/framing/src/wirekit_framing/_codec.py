@@ -108,6 +108,10 @@ class FrameDecoder:
         if self._error is not None:
             raise self._error
         buf = self._buf
+        if not buf and self._need < 0:
+            # Fast path, the usual case on a healthy stream: nothing pending, so frames are
+            # sliced straight out of ``data``; only an incomplete tail is buffered.
+            return self._feed_fresh(data)
         buf += data
         frames: list[bytes] = []
         pos = self._pos
@@ -140,6 +144,29 @@ class FrameDecoder:
             del buf[:pos]
             pos = 0
         self._pos = pos
+        return frames
+
+    def _feed_fresh(self, data: bytes | bytearray | memoryview) -> list[bytes]:
+        end = len(data)
+        pos = 0
+        limit = self.max_frame_size
+        frames: list[bytes] = []
+        # Slicing bytes gives bytes (one copy); other buffers go through a memoryview.
+        whole = isinstance(data, bytes)
+        view = data if whole else memoryview(data)
+        while end - pos >= HEADER_SIZE:
+            (need,) = _unpack_from(view, pos)
+            if need > limit:
+                self._error = FrameTooLarge(need, limit)
+                raise self._error
+            pos += HEADER_SIZE
+            if end - pos < need:
+                self._need = need  # the header is consumed; its payload is pending
+                break
+            frames.append(view[pos : pos + need] if whole else bytes(view[pos : pos + need]))  # type: ignore[arg-type]
+            pos += need
+        if pos < end:
+            self._buf += view[pos:]
         return frames
 
     def close(self) -> None:
