@@ -13,17 +13,7 @@ from collections.abc import Callable, Sequence
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
-from wirekit_servicekit import (
-    ConnectionHub,
-    Listener,
-    MetricsServer,
-    configure_logging,
-    install_event_loop_policy,
-    load_settings,
-    new_registry,
-    run,
-    setup_tracing,
-)
+from wirekit_servicekit import ConnectionHub, Listener, serve_service, service_main
 
 from . import __version__, runner
 from .policy import Policy
@@ -31,6 +21,7 @@ from .protocol import CmdexecMetrics, Service, handle
 from .runner import RunLimits
 from .settings import CmdexecSettings
 
+NAME = "wirekit-cmdexec"
 log = logging.getLogger("wirekit_cmdexec")
 #: Largest buffered read of a connection's StreamReader.
 _READ_LIMIT = 64 * 1024
@@ -108,31 +99,28 @@ async def serve(
     on_ready: Callable[[dict[str, int]], None] | None = None,
     stop: asyncio.Event | None = None,
 ) -> int:
-    registry = registry if registry is not None else new_registry()
-    own_provider = provider is None
-    provider = provider if provider is not None else setup_tracing("wirekit-cmdexec", __version__)
-    svc = build_service(settings, registry, provider)
-    callback = functools.partial(handle, svc)
-    sweeper = asyncio.ensure_future(_sweep_strays(svc)) if runner.become_subreaper() else None
+    background: list[asyncio.Future[None]] = []
 
-    def factory() -> asyncio.StreamReaderProtocol:
-        return asyncio.StreamReaderProtocol(asyncio.StreamReader(_READ_LIMIT), callback)
+    def build(registry: CollectorRegistry, provider: TracerProvider) -> list[Listener]:
+        svc = build_service(settings, registry, provider)
+        if runner.become_subreaper():
+            background.append(asyncio.ensure_future(_sweep_strays(svc)))
+        callback = functools.partial(handle, svc)
 
-    listener = Listener(
-        "cmdexec", settings.host, settings.port, factory, svc.hub, server_tls(settings)
-    )
+        def factory() -> asyncio.StreamReaderProtocol:
+            return asyncio.StreamReaderProtocol(asyncio.StreamReader(_READ_LIMIT), callback)
+
+        tls = server_tls(settings)
+        return [Listener("cmdexec", settings.host, settings.port, factory, svc.hub, tls)]
+
     try:
-        return await run(
-            settings,
-            [listener],
-            MetricsServer(registry, settings.metrics_bind, settings.metrics_port),
-            on_ready=on_ready,
-            cleanup=provider.shutdown if own_provider else None,
-            stop=stop,
-        )
+        return await serve_service(
+            settings, NAME, __version__, build,
+            registry=registry, provider=provider, on_ready=on_ready, stop=stop,
+        )  # fmt: skip
     finally:
-        if sweeper is not None:
-            sweeper.cancel()
+        for task in background:
+            task.cancel()
 
 
 async def _sweep_strays(svc: Service) -> None:
@@ -143,12 +131,7 @@ async def _sweep_strays(svc: Service) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    settings = load_settings(CmdexecSettings, argv)
-    configure_logging(settings.log_level, "wirekit-cmdexec")
-    loop = install_event_loop_policy(settings.event_loop)
-    log.info("starting wirekit-cmdexec", extra={"version": __version__, "event_loop": loop,
-                                                "tls": bool(settings.tls_cert_file)})  # fmt: skip
-    raise SystemExit(asyncio.run(serve(settings)))
+    service_main(CmdexecSettings, NAME, __version__, serve, argv)
 
 
 if __name__ == "__main__":

@@ -4,28 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import logging
 from collections.abc import Callable, Sequence
 
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
-from wirekit_servicekit import (
-    Listener,
-    MetricsServer,
-    configure_logging,
-    install_event_loop_policy,
-    load_settings,
-    new_registry,
-    run,
-    setup_tracing,
-)
+from wirekit_servicekit import Listener, serve_service, service_main
 
 from . import __version__
 from .protocol import EchoContext, EchoMetrics, FramedEcho, RawEcho
 from .settings import EchoSettings
 
-log = logging.getLogger("wirekit_echo")
+NAME = "wirekit-echo"
 
 _PROTOCOLS = {"raw": RawEcho, "framed": FramedEcho}
 
@@ -60,26 +50,14 @@ async def serve(
     stop: asyncio.Event | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT; return the exit status. Tests pass their own registry/provider."""
-    registry = registry if registry is not None else new_registry()
-    own_provider = provider is None
-    provider = provider if provider is not None else setup_tracing("wirekit-echo", __version__)
-    metrics = MetricsServer(registry, settings.metrics_bind, settings.metrics_port)
-    return await run(
-        settings,
-        build_listeners(settings, registry, provider),
-        metrics,
-        on_ready=on_ready,
-        cleanup=provider.shutdown if own_provider else None,
-        stop=stop,
-    )
+    return await serve_service(
+        settings, NAME, __version__, functools.partial(build_listeners, settings),
+        registry=registry, provider=provider, on_ready=on_ready, stop=stop,
+    )  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    settings = load_settings(EchoSettings, argv)
-    configure_logging(settings.log_level, "wirekit-echo")
-    loop = install_event_loop_policy(settings.event_loop)
-    log.info("starting wirekit-echo", extra={"version": __version__, "event_loop": loop})
-    raise SystemExit(asyncio.run(serve(settings)))
+    service_main(EchoSettings, NAME, __version__, serve, argv)
 
 
 if __name__ == "__main__":

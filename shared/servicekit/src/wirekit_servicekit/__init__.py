@@ -5,6 +5,7 @@ health endpoint (:class:`MetricsServer`), tracing from ``OTEL_*`` (:func:`setup_
 server lifecycle (:func:`run`, :class:`ConnectionHub`).
 """
 
+from .app import Build, serve_service, service_main
 from .lifecycle import (
     Connection,
     ConnectionHub,
@@ -19,6 +20,7 @@ from .settings import ServiceSettings, SettingsLoadError, load_settings
 from .tracing import connection_span, setup_tracing
 
 __all__ = [
+    "Build",
     "Connection",
     "ConnectionHub",
     "ConnectionMetrics",
@@ -36,5 +38,7 @@ __all__ = [
     "load_settings",
     "new_registry",
     "run",
+    "serve_service",
+    "service_main",
     "setup_tracing",
 ]

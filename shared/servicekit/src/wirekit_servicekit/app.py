@@ -1,0 +1,72 @@
+"""The entry point every wirekit service shares: settings, logs, event loop, telemetry, run.
+
+A service supplies its settings class and a ``build(registry, tracer_provider)`` that returns
+its listeners; everything around them is here, written once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, NoReturn, TypeVar
+
+from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import CollectorRegistry
+
+from .lifecycle import DatagramListener, Listener, install_event_loop_policy, run
+from .logs import configure_logging
+from .metrics import MetricsServer, new_registry
+from .settings import ServiceSettings, load_settings
+from .tracing import setup_tracing
+
+__all__ = ["Build", "serve_service", "service_main"]
+
+S = TypeVar("S", bound=ServiceSettings)
+Build = Callable[[CollectorRegistry, TracerProvider], Sequence[Listener | DatagramListener]]
+
+
+async def serve_service(
+    settings: ServiceSettings,
+    name: str,
+    version: str,
+    build: Build,
+    *,
+    registry: CollectorRegistry | None = None,
+    provider: TracerProvider | None = None,
+    on_ready: Callable[[dict[str, int]], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> int:
+    """Serve until SIGTERM/SIGINT (or ``stop``); return the exit status.
+
+    Tests pass their own registry and tracer provider (the provider is then theirs to shut down).
+    """
+    registry = registry if registry is not None else new_registry()
+    own_provider = provider is None
+    provider = provider if provider is not None else setup_tracing(name, version)
+    listeners = build(registry, provider)
+    return await run(
+        settings,
+        listeners,
+        MetricsServer(registry, settings.metrics_bind, settings.metrics_port),
+        on_ready=on_ready,
+        cleanup=provider.shutdown if own_provider else None,
+        stop=stop,
+    )
+
+
+def service_main(
+    settings_cls: type[S],
+    name: str,
+    version: str,
+    serve: Callable[[S], Coroutine[Any, Any, int]],
+    argv: Sequence[str] | None = None,
+) -> NoReturn:
+    """The console script: load settings (exit 2 on bad ones), JSON logs, loop, serve, exit."""
+    settings = load_settings(settings_cls, argv)
+    configure_logging(settings.log_level, name)
+    loop = install_event_loop_policy(settings.event_loop)
+    logging.getLogger(name.replace("-", "_")).info(
+        f"starting {name}", extra={"version": version, "event_loop": loop}
+    )
+    raise SystemExit(asyncio.run(serve(settings)))
