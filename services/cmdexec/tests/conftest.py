@@ -7,20 +7,16 @@ import contextlib
 import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from prometheus_client import CollectorRegistry
 
 from wirekit_cmdexec.__main__ import serve
 from wirekit_cmdexec.client import CmdexecClient
 from wirekit_cmdexec.messages import Exit
 from wirekit_cmdexec.settings import CmdexecSettings
-from wirekit_servicekit import new_registry
+from wirekit_servicekit.testing import RunningService, running_service
 
 TOKEN = "test-token-0123456789"
 #: Tests may run what they need to exercise the runner (sh, sleep, head, env...).
@@ -34,19 +30,12 @@ class Result:
     stderr: bytes
 
 
-@dataclass
-class CmdexecHarness:
-    settings: CmdexecSettings
-    registry: CollectorRegistry
-    spans: InMemorySpanExporter
-    port: int = 0
-    stop: asyncio.Event = field(default_factory=asyncio.Event)
-    task: asyncio.Task[int] | None = None
+class CmdexecHarness(RunningService[CmdexecSettings]):
     tls: ssl.SSLContext | None = None
 
-    def value(self, name: str, **labels: str) -> float:
-        got = self.registry.get_sample_value(name, labels)
-        return 0.0 if got is None else got
+    @property
+    def port(self) -> int:
+        return self.ports["cmdexec"]
 
     def sock(self) -> socket.socket:
         raw = socket.create_connection(("127.0.0.1", self.port), timeout=30)
@@ -79,26 +68,10 @@ async def running_cmdexec(**overrides: Any) -> AsyncIterator[CmdexecHarness]:
         "allow": TEST_ALLOW,
         "auth_failure_delay_s": 0.01,
         "timeout_drain_s": 2.0,
+        **overrides,
     }
-    values.update(overrides)
-    settings = CmdexecSettings(**values)
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    h = CmdexecHarness(settings, new_registry(process_metrics=False), exporter)
-    ready = asyncio.Event()
-
-    def on_ready(ports: dict[str, int]) -> None:
-        h.port = ports["cmdexec"]
-        ready.set()
-
-    h.task = asyncio.create_task(serve(settings, h.registry, provider, on_ready, h.stop))
-    await asyncio.wait_for(ready.wait(), 10)
-    try:
-        yield h
-    finally:
-        h.stop.set()
-        assert await asyncio.wait_for(h.task, 15) == 0
+    async with running_service(serve, CmdexecSettings(**values), CmdexecHarness) as service:
+        yield service
 
 
 @pytest.fixture

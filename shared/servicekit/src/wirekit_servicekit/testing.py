@@ -1,0 +1,76 @@
+"""Test support: run a service in-process on ephemeral ports with a fresh registry and an
+in-memory span exporter (as client_python's and OpenTelemetry's own tests do)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import CollectorRegistry
+
+from .metrics import new_registry
+from .settings import ServiceSettings
+
+__all__ = ["RunningService", "running_service"]
+
+S = TypeVar("S", bound=ServiceSettings)
+Serve = Callable[..., Coroutine[Any, Any, int]]
+R = TypeVar("R", bound="RunningService[Any]")
+
+
+@dataclass
+class RunningService(Generic[S]):
+    settings: S
+    registry: CollectorRegistry
+    spans: InMemorySpanExporter
+    ports: dict[str, int] = field(default_factory=dict)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[int] | None = None
+
+    def value(self, name: str, **labels: str) -> float:
+        """A sample's current value (0 when the series does not exist yet)."""
+        got = self.registry.get_sample_value(name, labels)
+        return 0.0 if got is None else got
+
+    async def wait_for(self, predicate: Callable[[], bool], limit_s: float = 5.0) -> None:
+        """Poll ``predicate`` until true; fail (AssertionError) after ``limit_s`` seconds."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + limit_s
+        while not predicate():
+            if loop.time() > end:
+                raise AssertionError("condition not reached in time")
+            await asyncio.sleep(0.005)
+
+
+@contextlib.asynccontextmanager
+async def running_service(
+    serve: Serve, settings: ServiceSettings, cls: type[R]
+) -> AsyncIterator[R]:
+    """Start ``serve(settings, registry, provider, on_ready, stop)`` as ``cls`` (a
+    :class:`RunningService` subclass with the service's own helpers); stop it (exit 0) after."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    service = cls(settings, new_registry(process_metrics=False), exporter)
+    ready = asyncio.Event()
+
+    def on_ready(ports: dict[str, int]) -> None:
+        service.ports = ports
+        ready.set()
+
+    service.task = asyncio.create_task(
+        serve(settings, service.registry, provider, on_ready, service.stop)
+    )
+    await asyncio.wait_for(ready.wait(), 10)
+    try:
+        yield service
+    finally:
+        service.stop.set()
+        code = await asyncio.wait_for(service.task, 15)
+        assert code == 0, f"the service exited {code}"
