@@ -165,3 +165,24 @@ def test_buffer_is_compacted_on_long_streams() -> None:
         assert len(decoder._buf) < 2 * len(chunk)
     assert total == 50 * 201
     assert HEADER_SIZE == 4
+
+
+@pytest.mark.parametrize(
+    ("pieces", "exact"),
+    [
+        pytest.param([encode(b"a") + encode(b"bc")], [True], id="whole-frames"),
+        pytest.param([encode(b"abc")[:3], encode(b"abc")[3:]], [False, False], id="split-header"),
+        pytest.param([encode(b"abc")[:5], encode(b"abc")[5:]], [False, False], id="split-payload"),
+        pytest.param([encode(b"a") + b"\x00", b"\x00\x00\x00"], [False, False], id="tail"),
+        pytest.param([encode(b"a"), encode(b"")], [True, True], id="one-then-empty"),
+    ],
+)
+def test_exact_tells_when_the_frames_are_the_bytes_fed(
+    pieces: list[bytes], exact: list[bool]
+) -> None:
+    decoder = FrameDecoder()
+    seen = []
+    for piece in pieces:
+        decoder.feed(piece)
+        seen.append(decoder.exact)
+    assert seen == exact

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from time import perf_counter
+from time import perf_counter, time_ns
 from typing import ClassVar, cast
 
 from opentelemetry import trace
@@ -115,12 +115,16 @@ class EchoContext:
 
 class _EchoConnection(asyncio.Protocol):
     mode: ClassVar[str]
+    # Slots: 10,000 idle connections should cost as little as possible.
+    __slots__ = ("_error", "_started", "activity", "ctx", "draining", "half_closed", "span",
+                 "transport")  # fmt: skip
 
     def __init__(self, ctx: EchoContext) -> None:
         self.ctx = ctx
         self.activity = 0  # bytes received; the hub's idle sweeper watches it move
         self.transport: asyncio.Transport | None = None
-        self.span: trace.Span | None = None
+        self.span: trace.Span | None = None  # made when first needed, timed from _started
+        self._started = 0
         self.draining = False
         self.half_closed = False  # drain: our side sent EOF, nothing more can be written
         self._error: str | None = None
@@ -133,24 +137,33 @@ class _EchoConnection(asyncio.Protocol):
         if not self.ctx.hub.admit(self):
             transport.close()
             return
-        self.span = connection_span(
-            self.ctx.tracer,
-            f"echo.{self.mode} connection",
-            transport.get_extra_info("peername"),
-            transport.get_extra_info("sockname"),
-            {"wirekit.echo.mode": self.mode},
-        )
+        self._started = time_ns()
+
+    def _span(self) -> trace.Span:
+        """The connection's span, created on first use with the connection's start time."""
+        if self.span is None:
+            assert self.transport is not None
+            self.span = connection_span(
+                self.ctx.tracer,
+                f"echo.{self.mode} connection",
+                self.transport.get_extra_info("peername"),
+                self.transport.get_extra_info("sockname"),
+                {"wirekit.echo.mode": self.mode},
+                start_time=self._started,
+            )
+        return self.span
 
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None and self._error is None:
             self._fail("reset", str(exc), close=False)
+        if not self._started:
+            return  # refused at once: never admitted, no span
         self.ctx.hub.release(self)
-        if self.span is not None:
-            self.span.set_attribute("wirekit.received_bytes", self.activity)
-            if self._error is not None:
-                self.span.set_status(Status(StatusCode.ERROR, self._error))
-            self.span.end()
-            self.span = None
+        span = self._span()
+        span.set_attribute("wirekit.received_bytes", self.activity)
+        if self._error is not None:
+            span.set_status(Status(StatusCode.ERROR, self._error))
+        span.end()
 
     def pause_writing(self) -> None:
         assert self.transport is not None
@@ -187,8 +200,8 @@ class _EchoConnection(asyncio.Protocol):
     def _fail(self, kind: str, detail: str, *, close: bool) -> None:
         self._error = kind
         self.ctx.errors[kind].inc()
-        if self.span is not None:
-            with trace.use_span(self.span, end_on_exit=False):
+        if self._started:
+            with trace.use_span(self._span(), end_on_exit=False):
                 log.info("connection error", extra={"kind": kind, "detail": detail})
         if close and self.transport is not None:
             if self.transport.get_write_buffer_size():
@@ -201,6 +214,7 @@ class RawEcho(_EchoConnection):
     """RFC 862: every byte received is sent back, as it arrives."""
 
     mode = "raw"
+    __slots__ = ()
 
     def data_received(self, data: bytes) -> None:
         n = len(data)
@@ -217,6 +231,7 @@ class FramedEcho(_EchoConnection):
     """Each length-prefixed frame is returned as one frame; a read's replies go out in one write."""
 
     mode = "framed"
+    __slots__ = ("decoder",)
 
     def __init__(self, ctx: EchoContext) -> None:
         super().__init__(ctx)
@@ -229,7 +244,6 @@ class FramedEcho(_EchoConnection):
         ctx = self.ctx
         ctx.received.n += n
         decoder = self.decoder
-        fresh = decoder.buffered == 0
         try:
             frames = decoder.feed(data)
         except FrameTooLarge as exc:
@@ -239,10 +253,9 @@ class FramedEcho(_EchoConnection):
             return
         if frames:
             assert self.transport is not None
-            if fresh and decoder.buffered == 0:
-                out = data  # the read was whole frames, and the reply is those very bytes
-            else:  # sizes were checked by the decoder already
-                out = encode_many(frames, MAX_WIRE_FRAME_SIZE)
+            # Whole frames only: the reply is those very bytes (no copy). Otherwise re-encode
+            # (sizes were checked by the decoder already).
+            out = data if decoder.exact else encode_many(frames, MAX_WIRE_FRAME_SIZE)
             self.transport.write(out)
             ctx.sent.n += len(out)
             ctx.frames.n += len(frames)

@@ -86,7 +86,7 @@ class FrameDecoder:
     the caller closes the connection. Further ``feed()`` calls raise the same error again.
     """
 
-    __slots__ = ("_buf", "_error", "_need", "_pos", "max_frame_size")
+    __slots__ = ("_buf", "_error", "_need", "_pos", "exact", "max_frame_size")
 
     def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
         _check_limit(max_frame_size)
@@ -96,6 +96,9 @@ class FrameDecoder:
         # Length of the payload whose header has been read, or -1 while reading a header.
         self._need = -1
         self._error: FrameTooLarge | None = None
+        #: True when the last ``feed()`` consumed whole frames only, with nothing pending before
+        #: or after: its frames are then exactly the bytes fed (a relay may forward them as is).
+        self.exact = False
 
     @property
     def buffered(self) -> int:
@@ -112,6 +115,7 @@ class FrameDecoder:
             # Fast path, the usual case on a healthy stream: nothing pending, so frames are
             # sliced straight out of ``data``; only an incomplete tail is buffered.
             return self._feed_fresh(data)
+        self.exact = False
         buf += data
         frames: list[bytes] = []
         pos = self._pos
@@ -167,6 +171,7 @@ class FrameDecoder:
             pos += need
         if pos < end:
             self._buf += view[pos:]
+        self.exact = pos == end
         return frames
 
     def close(self) -> None:
