@@ -27,13 +27,14 @@ def is_broadcast_or_multicast(host: str) -> bool:
 class TokenBucket:
     """``rate`` tokens per second up to ``burst``; each datagram takes one."""
 
-    __slots__ = ("burst", "rate", "stamp", "tokens")
+    __slots__ = ("burst", "limited", "rate", "stamp", "tokens")
 
     def __init__(self, rate: float, burst: int, now: float) -> None:
         self.rate = rate
         self.burst = float(burst)
         self.tokens = float(burst)
         self.stamp = now
+        self.limited = False  # the last take() was refused
 
     def take(self, now: float) -> bool:
         tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
@@ -57,7 +58,7 @@ class SourceLimiter:
         self.rate = rate
         self.burst = burst
         self.limit = limit
-        self._table: OrderedDict[str, tuple[TokenBucket, bool]] = OrderedDict()
+        self._table: OrderedDict[str, TokenBucket] = OrderedDict()
         self.limited = 0
 
     def __len__(self) -> int:
@@ -65,18 +66,16 @@ class SourceLimiter:
 
     def allow(self, source: str, now: float) -> bool:
         table = self._table
-        entry = table.get(source)
-        if entry is None:
+        bucket = table.get(source)
+        if bucket is None:
             if len(table) >= self.limit:
-                _, (_, was_limited) = table.popitem(last=False)
-                self.limited -= was_limited
-            bucket = TokenBucket(self.rate, self.burst, now)
-            was_limited = False
+                _, evicted = table.popitem(last=False)
+                self.limited -= evicted.limited
+            bucket = table[source] = TokenBucket(self.rate, self.burst, now)
         else:
-            bucket, was_limited = entry
             table.move_to_end(source)
         ok = bucket.take(now)
-        if ok == was_limited:  # the source changed state (limited <-> not limited)
+        if ok == bucket.limited:  # the source changed state (limited <-> not limited)
             self.limited += -1 if ok else 1
-        table[source] = (bucket, not ok)
+            bucket.limited = not ok
         return ok
