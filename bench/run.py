@@ -241,9 +241,11 @@ REF_TCP, REF_UDP = "uvloop-protocol", "uvloop-udp"
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--duration", type=float, default=1.5)
+    p.add_argument("--duration", type=float, default=2.0)
     p.add_argument("--quick", action="store_true", help="one repetition, short runs (smoke)")
     args = p.parse_args()
+    # SIGTERM (timeout, kill) ends like Ctrl-C: the finally below stops every server started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.quick:
         args.reps, args.duration = 1, 0.5
     RESULTS.mkdir(exist_ok=True)
@@ -421,7 +423,8 @@ def render(report: dict[str, Any]) -> str:
         "# wirekit benchmark", "",
         f"{m['when']} · {m['cpus']} CPUs · Python {m['python']} · {m['reps']} repetitions of "
         f"{m['duration_s']} s per cell, servers interleaved (A B A B …) · medians, min–max spread.",
-        "", "Server CPU per message is the fair figure on 2 cores (the client needs a whole one):",
+        "", "Cells: median [min–max over the repetitions] (ratio of medians).", "",
+        "Server CPU per message is the fair figure on 2 cores (the client needs a whole one):",
         "paced load of 10,000 msgs/s; ratio against uvloop `Protocol` echo (bare, no telemetry).",
         "`wirekit` runs as shipped: metrics scraped every second, OTLP export on.", "",
     ]  # fmt: skip
@@ -444,7 +447,10 @@ def render(report: dict[str, Any]) -> str:
                     r = v / _median(
                         paced, "cpu_us_per_msg", server=REF_TCP, mode=mode, size=size, conns=conns
                     )
-                    cells.append(f"{v:.1f} ({r:.2f}×)")
+                    spread = _spread(
+                        paced, "cpu_us_per_msg", server=server, mode=mode, size=size, conns=conns
+                    )
+                    cells.append(f"{v:.1f} [{spread}] ({r:.2f}×)")
             if any(c != "–" for c in cells):
                 lines.append(f"| {server} | " + " | ".join(cells) + " |")
         lines.append("")
