@@ -3,11 +3,11 @@ their unit tests, Grafana provisioning, and the Kubernetes manifests against the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
 import subprocess
-import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +17,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from wirekit_testkit import tool, wait_until
+from wirekit_testkit import service_process, tool, wait_until
 
 from wirekit_cmdexec.client import CmdexecClient, RemoteError
 
@@ -32,34 +32,20 @@ METRIC = re.compile(r"\b((?:echo|cmdexec|udp|process)_[a-z_]+)\b")
 @pytest.fixture(scope="module")
 def exported_names() -> Iterator[set[str]]:
     """Start the three services for real and collect every sample name from their /metrics."""
-    procs, names = [], {"up"}
-    try:
+    names = {"up"}
+    env = {"PATH": "/usr/bin:/bin", "WIREKIT_CMDEXEC_TOKEN": "t" * 32}
+    with contextlib.ExitStack() as stack:
         for module in SERVICES.values():
-            popen = subprocess.Popen(
-                [sys.executable, "-m", module, "--metrics-port", "0",
-                 *(["--raw-port", "0", "--framed-port", "0"] if module == "wirekit_echo"
-                   else ["--port", "0"])],
-                stderr=subprocess.PIPE, text=True,
-                env={"PATH": "/usr/bin:/bin", "WIREKIT_CMDEXEC_TOKEN": "t" * 32},
-            )  # fmt: skip
-            procs.append(popen)
-            assert popen.stderr is not None
-            port = None
-            for line in popen.stderr:
-                record = json.loads(line)
-                if record.get("message") == "listening":
-                    port = record["ports"]["metrics"]
-                    break
-            assert port, f"{module} did not start"
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            ports0 = ["--raw-port", "0", "--framed-port", "0"] if module == "wirekit_echo" else [
+                "--port", "0"]  # fmt: skip
+            proc = stack.enter_context(
+                service_process(module, "--metrics-port", "0", *ports0, env=env)
+            )
+            with urllib.request.urlopen(proc.url("/metrics"), timeout=10) as resp:
                 text = resp.read().decode()
             for family in text_string_to_metric_families(text):
                 names.update(sample.name for sample in family.samples)
         yield names
-    finally:
-        for popen in procs:
-            popen.terminate()
-            popen.wait(15)
 
 
 def _rule_exprs() -> list[str]:
@@ -225,20 +211,10 @@ def test_every_container_meets_the_restricted_profile(overlay: str) -> None:
 def test_the_shipped_rules_fire_in_a_real_prometheus(prometheus_for: Any, tmp_path: Path) -> None:
     """cmdexec as a process, Debian's Prometheus with deploy/prometheus/rules, wrong tokens:
     WirekitCmdexecAuthFailures fires (no `for:`, so on the next evaluation)."""
-    popen = subprocess.Popen(
-        [sys.executable, "-m", "wirekit_cmdexec", "--port", "0", "--metrics-port", "0",
-         "--auth-failure-delay-s", "0"],
-        stderr=subprocess.PIPE, text=True,
-        env={"PATH": "/usr/bin:/bin", "WIREKIT_CMDEXEC_TOKEN": "right-token-" + "x" * 20},
-    )  # fmt: skip
-    assert popen.stderr is not None
-    try:
-        ports: dict[str, int] = {}
-        for line in popen.stderr:
-            record = json.loads(line)
-            if record.get("message") == "listening":
-                ports = record["ports"]
-                break
+    env = {"PATH": "/usr/bin:/bin", "WIREKIT_CMDEXEC_TOKEN": "right-token-" + "x" * 20}
+    with service_process("wirekit_cmdexec", "--port", "0", "--metrics-port", "0",
+                         "--auth-failure-delay-s", "0", env=env) as proc:  # fmt: skip
+        ports = proc.ports
         prom = prometheus_for(
             {"wirekit-cmdexec": ports["metrics"]}, (DEPLOY / "prometheus/rules/wirekit.yml",)
         )
@@ -255,6 +231,3 @@ def test_the_shipped_rules_fire_in_a_real_prometheus(prometheus_for: Any, tmp_pa
 
         wait_until(firing, 60, "WirekitCmdexecAuthFailures firing")
         assert not any(a["labels"]["alertname"] == "WirekitTargetDown" for a in prom.alerts())
-    finally:
-        popen.terminate()
-        popen.wait(15)

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -206,3 +209,40 @@ class OtlpReceiver:
 
 def otlp_value(value: AnyValue) -> object:
     return getattr(value, value.WhichOneof("value") or "string_value")
+
+
+@dataclass
+class ServiceProcess:
+    popen: subprocess.Popen[str]
+    ports: dict[str, int]
+    lines: list[str]  # its JSON log lines so far (collected in a thread)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.ports['metrics']}{path}"
+
+
+@contextlib.contextmanager
+def service_process(
+    module: str, *args: str, env: dict[str, str] | None = None
+) -> Iterator[ServiceProcess]:
+    """Run ``python -m module args`` (ports 0 where the caller says so); wait for its
+    "listening" log line; kill it at the end if the test did not stop it."""
+    popen = subprocess.Popen([sys.executable, "-m", module, *args], stderr=subprocess.PIPE,
+                             text=True, env={**os.environ, **(env or {})})  # fmt: skip
+    assert popen.stderr is not None
+    lines: list[str] = []
+    ports: dict[str, int] = {}
+    try:
+        for line in popen.stderr:  # bounded: the process ends (and so the loop) on failure
+            lines.append(line)
+            record = json.loads(line)
+            if record.get("message") == "listening":
+                ports = record["ports"]
+                break
+        assert ports, f"{module} did not start: {lines}"
+        threading.Thread(target=lambda: lines.extend(popen.stderr or ()), daemon=True).start()
+        yield ServiceProcess(popen, ports, lines)
+    finally:
+        if popen.poll() is None:
+            popen.kill()
+        popen.wait(10)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import ssl
 import subprocess
@@ -14,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from wirekit_testkit import OtlpReceiver, make_test_pki, wait_until
+from wirekit_testkit import OtlpReceiver, make_test_pki, service_process, wait_until
 
 TOKEN = "test-token-0123456789"
 
@@ -67,28 +66,13 @@ async def test_mutual_tls_requires_a_client_certificate(
 # -- the service and its client as real processes ---------------------------------------------
 @contextmanager
 def server_process(*args: str, env: dict[str, str] | None = None) -> Iterator[dict[str, Any]]:
-    popen = subprocess.Popen(
-        [sys.executable, "-m", "wirekit_cmdexec", "--port", "0", "--metrics-port", "0", *args],
-        stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "WIREKIT_CMDEXEC_TOKEN": TOKEN, **(env or {})},
-    )  # fmt: skip
-    assert popen.stderr is not None
-    info: dict[str, Any] = {"popen": popen}
-    try:
-        for line in popen.stderr:
-            record = json.loads(line)
-            if record.get("message") == "listening":
-                info["port"] = record["ports"]["cmdexec"]
-                break
-        assert "port" in info, "server did not start"
-        yield info
-    finally:
-        popen.terminate()
-        try:
-            assert popen.wait(15) == 0
-        finally:
-            if popen.poll() is None:
-                popen.kill()
+    """The service as a process; at the end SIGTERM, and it must exit 0."""
+    env = {"WIREKIT_CMDEXEC_TOKEN": TOKEN, **(env or {})}
+    with service_process("wirekit_cmdexec", "--port", "0", "--metrics-port", "0", *args,
+                         env=env) as proc:  # fmt: skip
+        yield {"popen": proc.popen, "port": proc.ports["cmdexec"]}
+        proc.popen.terminate()
+        assert proc.popen.wait(15) == 0
 
 
 def cli(port: int, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:

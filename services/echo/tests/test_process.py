@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -10,59 +9,25 @@ import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import pytest
+from wirekit_testkit import ServiceProcess, service_process
 
 from wirekit_framing import encode, recv_frame, send_frame
 
 CLIENT = [sys.executable, "-m", "wirekit_echo.client"]
 
 
-@dataclass
-class Proc:
-    popen: subprocess.Popen[str]
-    ports: dict[str, int]
-    lines: list[str]
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.ports['metrics']}{path}"
-
-
 @contextmanager
-def echo_process(*args: str, env: dict[str, str] | None = None) -> Iterator[Proc]:
-    cmd = [sys.executable, "-m", "wirekit_echo", "--raw-port", "0", "--framed-port", "0",
-           "--metrics-port", "0", *args]  # fmt: skip
-    popen = subprocess.Popen(
-        cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}
-    )
-    assert popen.stderr is not None
-    lines: list[str] = []
-    ports: dict[str, int] = {}
-    deadline = time.monotonic() + 15
-    try:
-        while not ports and time.monotonic() < deadline:
-            line = popen.stderr.readline()
-            if not line:
-                break
-            lines.append(line)
-            record = json.loads(line)
-            if record.get("message") == "listening":
-                ports = record["ports"]
-        assert ports, f"server did not start: {lines}"
-        # Keep draining stderr so the server never blocks on a full pipe.
-        threading.Thread(target=lambda: lines.extend(popen.stderr), daemon=True).start()  # type: ignore[arg-type]
-        yield Proc(popen, ports, lines)
-    finally:
-        if popen.poll() is None:
-            popen.kill()
-        popen.wait(10)
+def echo_process(*args: str, env: dict[str, str] | None = None) -> Iterator[ServiceProcess]:
+    ports0 = ("--raw-port", "0", "--framed-port", "0", "--metrics-port", "0")
+    with service_process("wirekit_echo", *ports0, *args, env=env) as proc:
+        yield proc
 
 
 def _recv_exactly(sock: socket.socket, n: int) -> bytes:

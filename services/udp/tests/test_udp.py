@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import signal
@@ -14,6 +13,7 @@ import time
 from typing import Any
 
 import pytest
+from wirekit_testkit import service_process
 
 from wirekit_udp.client import UdpEchoClient
 
@@ -186,18 +186,8 @@ async def test_drops_are_reported_once_per_interval_with_a_count(
 
 
 def test_process_metrics_promtool_sigterm_and_client() -> None:
-    popen = subprocess.Popen(
-        [sys.executable, "-m", "wirekit_udp", "--port", "0", "--metrics-port", "0"],
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    assert popen.stderr is not None
-    try:
-        ports: dict[str, int] = {}
-        for line in popen.stderr:
-            record = json.loads(line)
-            if record.get("message") == "listening":
-                ports = record["ports"]
-                break
+    with service_process("wirekit_udp", "--port", "0", "--metrics-port", "0") as proc:
+        popen, ports = proc.popen, proc.ports
         client = [sys.executable, "-m", "wirekit_udp.client", "--port", str(ports["udp"])]
         res = subprocess.run(
             [*client, "-m", "hello udp"], capture_output=True, timeout=30, check=False
@@ -221,10 +211,6 @@ def test_process_metrics_promtool_sigterm_and_client() -> None:
             assert check.returncode == 0, check.stdout + check.stderr
         popen.send_signal(signal.SIGTERM)
         assert popen.wait(10) == 0
-    finally:
-        if popen.poll() is None:
-            popen.kill()
-            popen.wait(10)
     # The server is gone: the client reports the loss instead of hanging.
     res = subprocess.run([*client, "-m", "anyone?", "--timeout", "0.2", "--retries", "1"],
                          capture_output=True, timeout=30, check=False)  # fmt: skip

@@ -27,6 +27,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from wirekit_framing import FramingError, encode, recv_frame
 from wirekit_servicekit import setup_tracing
+from wirekit_servicekit.cli import prompt_lines
 
 from . import __version__
 from .messages import Auth, BadMessage, Exec, Exit, Kind, Signal, decode, encode_data, encode_json
@@ -184,15 +185,7 @@ def run_one(client: CmdexecClient, argv: Sequence[str], args: argparse.Namespace
 def shell(client: CmdexecClient, args: argparse.Namespace) -> int:
     """The seed's loop: a prompt, one command per line, empty lines skipped, `quit` ends."""
     status = 0
-    prompt = sys.stdin.isatty()
-    while True:
-        if prompt:
-            print("$ ", end="", flush=True)
-        line = sys.stdin.readline()
-        if not line or line.strip() == "quit":
-            return status
-        if not line.strip():
-            continue
+    for line in prompt_lines(sys.stdin, sys.stdout, "$ " if sys.stdin.isatty() else None):
         try:
             status = run_one(client, shlex.split(line), args)
         except RemoteError as exc:
@@ -200,6 +193,7 @@ def shell(client: CmdexecClient, args: argparse.Namespace) -> int:
             status = EXIT_FAILURE
             if exc.code in ("unauthorized", "bad_request", "too_large"):
                 return status  # the server closed the connection
+    return status
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

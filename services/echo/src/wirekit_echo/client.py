@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 from typing import BinaryIO, TextIO
 
 from wirekit_framing import DEFAULT_MAX_FRAME_SIZE, FramingError, recv_frame, send_frame
+from wirekit_servicekit.cli import prompt_lines
 
 DEFAULT_PORTS = {"raw": 7000, "framed": 7001}
 _CHUNK = 64 * 1024
@@ -75,20 +76,10 @@ def stream_raw(sock: socket.socket, source: BinaryIO, sink: BinaryIO) -> None:
 
 def interactive(client: EchoClient, lines: Iterable[str], out: TextIO, prompt: bool) -> None:
     """The seed's loop: send each non-empty line, print its echo; ``quit`` ends."""
-    if prompt:
-        out.write("> ")
-        out.flush()
-    for line in lines:
-        text = line.rstrip("\r\n")
-        if text.strip() == "quit":
-            break
-        if text.strip():
-            suffix = b"\n" if client.mode == "raw" else b""
-            reply = client.echo(text.encode() + suffix)
-            out.write(reply.decode(errors="replace").rstrip("\n") + "\n")
-        if prompt:
-            out.write("> ")
-            out.flush()
+    suffix = b"\n" if client.mode == "raw" else b""
+    for text in prompt_lines(lines, out, "> " if prompt else None):
+        reply = client.echo(text.encode() + suffix)
+        out.write(reply.decode(errors="replace").rstrip("\n") + "\n")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

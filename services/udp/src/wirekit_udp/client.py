@@ -15,6 +15,8 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import TextIO
 
+from wirekit_servicekit.cli import prompt_lines
+
 
 class UdpEchoClient:
     def __init__(self, host: str, port: int, timeout: float, retries: int) -> None:
@@ -49,23 +51,13 @@ class UdpEchoClient:
 
 def talk(client: UdpEchoClient, lines: Iterable[str], out: TextIO, prompt: bool) -> int:
     failures = 0
-    if prompt:
-        out.write("> ")
-        out.flush()
-    for line in lines:
-        text = line.rstrip("\r\n")
-        if text.strip() == "quit":
-            break
-        if text.strip():
-            reply = client.echo(text.encode())
-            if reply is None:
-                failures += 1
-                print("lost: no echo (see --timeout, --retries)", file=sys.stderr)
-            else:
-                out.write(reply.decode(errors="replace") + "\n")
-        if prompt:
-            out.write("> ")
-            out.flush()
+    for text in prompt_lines(lines, out, "> " if prompt else None):
+        reply = client.echo(text.encode())
+        if reply is None:
+            failures += 1
+            print("lost: no echo (see --timeout, --retries)", file=sys.stderr)
+        else:
+            out.write(reply.decode(errors="replace") + "\n")
     return failures
 
 

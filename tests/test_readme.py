@@ -1,0 +1,26 @@
+"""The README stays true: every setting of every service is documented, with its flag."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic_settings import BaseSettings
+
+from wirekit_cmdexec.settings import CmdexecSettings
+from wirekit_echo.settings import EchoSettings
+from wirekit_udp.settings import UdpSettings
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+SETTINGS = [EchoSettings, CmdexecSettings, UdpSettings]
+
+
+@pytest.mark.parametrize(
+    ("cls", "name"),
+    [(cls, name) for cls in SETTINGS for name in sorted(cls.model_fields)],
+    ids=lambda v: v if isinstance(v, str) else v.__name__,
+)
+def test_every_setting_is_in_the_readme(cls: type[BaseSettings], name: str) -> None:
+    prefix = str(cls.model_config["env_prefix"])
+    assert f"`{prefix}{name.upper()}`" in README
+    assert f"`--{name.replace('_', '-')}`" in README
