@@ -350,15 +350,21 @@ def main() -> None:
 def cold_start(duration: float, env: dict[str, str]) -> list[dict[str, Any]]:
     """A fresh server's first connection against a later one (msgs/s, closed loop, 1 KiB)."""
     out = []
+    wirekit_udp = [PY, "-m", "wirekit_udp", "--port", "18206", "--metrics-port", "18913",
+                   "--rate-per-source", "1e9", "--burst-per-source", "1000000",
+                   "--rate-global", "1e9", "--burst-global", "1000000"]  # fmt: skip
     for make in (lambda: ref("asyncio-protocol", "protocol", 18203),
                  lambda: ref(REF_TCP, "uvloop", 18204),
-                 lambda: wirekit_echo("wirekit", 18210, 18911, env)):  # fmt: skip
+                 lambda: wirekit_echo("wirekit", 18210, 18911, env),
+                 lambda: ref(REF_UDP, "udp-uvloop", 18205, udp=True),
+                 lambda: Server("wirekit-udp", wirekit_udp, 18206, "http:18913", env, udp=True)):  # fmt: skip
         server = make()
         server.start()
+        kind = "udp" if server.udp else "tcp"
         try:
-            first = measure(server, "tcp", server.port, size=1024, conns=1, rate=0,
+            first = measure(server, kind, server.port, size=1024, conns=1, rate=0,
                             duration=duration, warmup=0)  # fmt: skip
-            later = measure(server, "tcp", server.port, size=1024, conns=1, rate=0,
+            later = measure(server, kind, server.port, size=1024, conns=1, rate=0,
                             duration=duration, warmup=0.3)  # fmt: skip
         finally:
             server.stop()
@@ -481,7 +487,7 @@ def render(report: dict[str, Any]) -> str:
         sent = sum(r["msgs"] + r["lost"] for r in udp if r["server"] == server)
         lines.append(f"| {server} | {v:.1f} | {v / ref_udp:.2f}× | {lost / max(sent, 1):.2%} | "
                      f"{_median(udp, 'p99', server=server) * 1e3:.2f} |")  # fmt: skip
-    lines += ["", "## Cold start (closed loop, 1 KiB, 1 connection): first connection vs later", "",
+    lines += ["", "## Cold start (closed loop, 1 KiB, 1 connection or UDP socket): first vs later", "",
               "| server | first msgs/s | later msgs/s | first/later |", "|---|---|---|---|"]  # fmt: skip
     for c in report["cold"]:
         lines.append(
