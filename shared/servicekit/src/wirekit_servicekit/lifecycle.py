@@ -85,9 +85,6 @@ class ConnectionHub:
         self._empty.set()
         self._sweeper: asyncio.Task[None] | None = None
 
-    def __len__(self) -> int:
-        return len(self._connections)
-
     def admit(self, conn: Connection) -> bool:
         """Register a new connection; False (counted) when over the limit or draining."""
         if self._draining or len(self._connections) >= self.limit:
