@@ -7,11 +7,18 @@ MEMBERS := shared/framing shared/servicekit services/echo services/cmdexec servi
 SERVICES    := echo cmdexec udp
 VERSION     := 0.1.0
 IMAGE_TAG   ?= $(VERSION)
+LOCAL_BASE  ?= wirekit-base:local
+# `make up OFFLINE=1`: the compose stack on a machine without an image registry (local base,
+# Prometheus from Debian's package, no Grafana or Jaeger: deploy/compose.offline.yaml).
+ifdef OFFLINE
+BASE_IMAGE  ?= $(LOCAL_BASE)
+endif
 # The official image for real users; CI and registry-less machines use `make base-image` and
 # BASE_IMAGE=wirekit-base:local.
 BASE_IMAGE  ?= python:3.11-slim-bookworm
-LOCAL_BASE  ?= wirekit-base:local
 COMPOSE     ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
+STACK_NAME  ?= wirekit
+STACK       := $(COMPOSE) -p $(STACK_NAME) -f deploy/compose.yaml $(if $(OFFLINE),-f deploy/compose.offline.yaml)
 
 .PHONY: install run test lint fmt lock clean wheelhouse images base-image up down bench
 
@@ -65,11 +72,14 @@ images: wheelhouse ## one image per service: wirekit-<service>:$(IMAGE_TAG)
 base-image: ## wirekit-base:local from Debian (debootstrap + docker import), for registry-less machines
 	bash deploy/base/build-base-image.sh $(LOCAL_BASE)
 
-up: wheelhouse ## the compose stack: services, Prometheus (:9090), Jaeger (:16686)
-	$(COMPOSE) -p wirekit -f deploy/compose.yaml up -d --build
+up: wheelhouse ## the compose stack: services, Prometheus (:9090), Grafana (:3000), Jaeger (:16686)
+ifdef OFFLINE
+	docker image inspect $(LOCAL_BASE) >/dev/null 2>&1 || $(MAKE) base-image
+endif
+	BASE_IMAGE=$(BASE_IMAGE) IMAGE_TAG=$(IMAGE_TAG) $(STACK) up -d --build
 
-down:
-	$(COMPOSE) -p wirekit -f deploy/compose.yaml down
+down: ## stop the stack (give OFFLINE=1 if it was started so); its data volume stays
+	IMAGE_TAG=$(IMAGE_TAG) $(STACK) down
 
 clean:
 	rm -rf $(VENV) wheelhouse .mypy_cache .pytest_cache .ruff_cache .hypothesis

@@ -1,14 +1,22 @@
-"""The deploy kit is valid as written."""
+"""The deploy kit is valid as written, and `make up OFFLINE=1` gets to an alert firing."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import socket
 import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
+import docker
 import pytest
+from docker.errors import NotFound
+from wirekit_testkit import Prometheus, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,3 +54,106 @@ def test_compose_publishes_on_loopback_only_and_runs_hardened() -> None:
     assert services.count("<<: *hardened") == 3
     for line in ("read_only: true", "cap_drop: [ALL]", "no-new-privileges:true"):
         assert line in text
+
+
+def test_offline_compose_override_is_valid() -> None:
+    files = [
+        "-f",
+        str(ROOT / "deploy/compose.yaml"),
+        "-f",
+        str(ROOT / "deploy/compose.offline.yaml"),
+    ]
+    result = subprocess.run(
+        [*_compose(), *files, "config", "--services"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    # Profiled-out services are listed too; what matters is that nothing is pulled by default.
+    assert {"echo", "cmdexec", "udp", "prometheus"} <= set(result.stdout.split())
+
+
+# -- the stack, from `make up` to an alert, as docs/operations.md walks it ------------------------
+#: What compose.yaml publishes on 127.0.0.1 (TCP); the stack test needs them free.
+STACK_TCP_PORTS = (7000, 7001, 9700, 7100, 9710, 9720, 9090)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+@pytest.fixture
+def offline_stack(docker_client: docker.DockerClient) -> Iterator[list[str]]:
+    """`make up OFFLINE=1` under a project and tag of its own; everything removed at the end."""
+    busy = [p for p in STACK_TCP_PORTS if not _port_free(p)]
+    if busy:
+        message = f"the stack's ports are in use on 127.0.0.1 (is `make up` running?): {busy}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    run_id = uuid.uuid4().hex[:8]
+    name, tag = f"wirekit-it-{run_id}", f"it-{run_id}"
+    make = ["make", "-s", "OFFLINE=1", f"STACK_NAME={name}", f"IMAGE_TAG={tag}",
+            f"BIN={Path(sys.executable).parent}"]  # fmt: skip
+    compose = [*_compose(), "-p", name, "-f", "deploy/compose.yaml",
+               "-f", "deploy/compose.offline.yaml"]  # fmt: skip
+    try:
+        up = subprocess.run([*make, "up"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=900, check=False)  # fmt: skip
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        yield compose
+    finally:
+        down = None
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            down = subprocess.run([*make, "down"], cwd=ROOT, capture_output=True, text=True,
+                                  timeout=300, check=False)  # fmt: skip
+        subprocess.run([*compose, "down", "-v"], cwd=ROOT, capture_output=True, timeout=300,
+                       check=False, env={**os.environ, "IMAGE_TAG": tag})  # fmt: skip
+        for image in ("echo", "cmdexec", "udp", "prometheus"):
+            with contextlib.suppress(NotFound):
+                docker_client.images.remove(f"wirekit-{image}:{tag}", force=True)
+        docker_client.images.prune(filters={"dangling": True, "label": "org.wirekit.stage=build"})
+    assert down is not None, "`make down` timed out"
+    assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-3000:]
+
+
+def test_make_up_offline_gets_to_alerts_firing(offline_stack: list[str]) -> None:
+    """docs/operations.md, on a machine without a registry: `make up OFFLINE=1`, every target
+    up, then both of its "see an alert fire" recipes: wrong cmdexec tokens and a stopped udp."""
+    prom = Prometheus("http://127.0.0.1:9090")
+
+    def every_target_up() -> bool:
+        try:
+            ups = {str(r["metric"]["job"]): r["value"][1] for r in prom.query("up")}  # type: ignore[index]
+        except OSError:
+            return False
+        return ups == {"wirekit-echo": "1", "wirekit-cmdexec": "1", "wirekit-udp": "1"}
+
+    wait_until(every_target_up, 120, "Prometheus in the stack scraping all three services")
+    early = [a["labels"]["alertname"] for a in prom.alerts()]
+    assert early == [], f"alerts before anything happened: {early}"
+
+    stop = subprocess.run([*offline_stack, "stop", "udp"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, check=False)  # fmt: skip
+    assert stop.returncode == 0, stop.stderr
+    client = Path(sys.executable).parent / "wirekit-cmdexec-client"
+    for _ in range(11):
+        guess = subprocess.run([str(client), "run", "--token", "wrong", "--", "true"],
+                               capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+        assert guess.returncode != 0
+        assert "unauthorized" in guess.stderr, guess.stderr
+
+    def firing(name: str, job: str) -> bool:
+        return any(a["labels"]["alertname"] == name and a["labels"].get("job") == job
+                   and a["state"] == "firing" for a in prom.alerts())  # fmt: skip
+
+    wait_until(lambda: firing("WirekitCmdexecAuthFailures", "wirekit-cmdexec"), 120,
+               "WirekitCmdexecAuthFailures firing in the stack")  # fmt: skip
+    wait_until(lambda: firing("WirekitTargetDown", "wirekit-udp"), 180,
+               "WirekitTargetDown firing for the stopped udp")  # fmt: skip
+    assert not firing("WirekitTargetDown", "wirekit-echo")
