@@ -135,8 +135,9 @@ def test_make_up_offline_gets_to_alerts_firing(offline_stack: list[str]) -> None
         return ups == {"wirekit-echo": "1", "wirekit-cmdexec": "1", "wirekit-udp": "1"}
 
     wait_until(every_target_up, 120, "Prometheus in the stack scraping all three services")
-    early = [a["labels"]["alertname"] for a in prom.alerts()]
-    assert early == [], f"alerts before anything happened: {early}"
+    # A scrape that failed while a service was still starting may leave an alert pending until
+    # the next rule evaluation; a healthy stack then has none.
+    wait_until(lambda: prom.alerts() == [], 60, "no alert in the healthy stack")
 
     stop = subprocess.run([*offline_stack, "stop", "udp"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120, check=False)  # fmt: skip
