@@ -30,7 +30,7 @@ install: $(BIN)/python ## venv with the pinned, hashed dev set plus the members 
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation $(addprefix -e ,$(MEMBERS))
 
 run: ## echo on loopback: raw 7000, framed 7001, metrics 9700
-	WIREKIT_ECHO_HOST=127.0.0.1 $(BIN)/wirekit-echo
+	env WIREKIT_ECHO_HOST=127.0.0.1 $(BIN)/wirekit-echo
 
 test: ## the whole suite (what .ci/run calls)
 	$(BIN)/pytest
