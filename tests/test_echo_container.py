@@ -77,6 +77,7 @@ def test_container_is_hardened_and_reports_healthy(
         assert binding["HostIp"] == "127.0.0.1"
     exit_code, output = wrapped.exec_run(["id", "-u"])
     assert (exit_code, output.strip()) == (0, b"10001")
+    assert wrapped.exec_run(["sleep", "0"]).exit_code == 0  # the Kubernetes preStop hook
     image = docker_client.images.get(images["echo"])
     assert image.attrs["Config"]["Entrypoint"][:2] == ["/usr/bin/tini", "--"]
     labels = image.attrs["Config"]["Labels"]

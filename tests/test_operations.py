@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from wirekit_testkit import service_process, tool, wait_until
 
 from wirekit_cmdexec.client import CmdexecClient, RemoteError
+from wirekit_servicekit.settings import ServiceSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -166,6 +167,9 @@ def test_schema_validation_can_fail() -> None:
         kubernetes_validate.validate(bad, K8S_VERSION, strict=True)
 
 
+DRAIN_S = ServiceSettings.model_fields["timeout_drain_s"].default
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_container_meets_the_restricted_profile(overlay: str) -> None:
     docs = _render(overlay)
@@ -196,6 +200,10 @@ def test_every_container_meets_the_restricted_profile(overlay: str) -> None:
             assert sc["seccompProfile"]["type"] == "RuntimeDefault"
             assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
             assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+            # the preStop pause plus the default drain fit in the grace period
+            pause = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
+            assert pause > 0
+            assert pause + DRAIN_S < pod["terminationGracePeriodSeconds"]
             assert container["resources"]["requests"]
             assert container["resources"]["limits"]
             assert annotations["prometheus.io/port"] == str(
