@@ -27,6 +27,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
+from prometheus_client.parser import text_string_to_metric_families
 from testcontainers.core.container import DockerContainer
 
 
@@ -219,6 +220,25 @@ class ServiceProcess:
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.ports['metrics']}{path}"
+
+    def value(self, name: str, **labels: str) -> float:
+        """A sample of its /metrics now (0 when the series does not exist yet)."""
+        with urllib.request.urlopen(self.url("/metrics"), timeout=5) as resp:
+            text = resp.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and sample.labels == labels:
+                    return float(sample.value)
+        return 0.0
+
+    def wait_value(self, name: str, value: float, limit_s: float = 10.0, **labels: str) -> None:
+        wait_until(lambda: self.value(name, **labels) == value, limit_s, f"{name}{labels}={value}")
+
+    def assert_clean_log(self) -> None:
+        """No traceback and nothing at ERROR or above in what it logged so far."""
+        bad = [line for line in list(self.lines) if "Traceback" in line
+               or json.loads(line).get("level") in ("ERROR", "CRITICAL")]  # fmt: skip
+        assert not bad, "".join(bad)
 
 
 @contextlib.contextmanager

@@ -40,18 +40,19 @@ async def _client_session(h: Any, mode: str, seed: int) -> int:
 
 
 @pytest.mark.parametrize("mode", ["raw", "framed"])
-async def test_concurrent_clients_each_get_their_own_bytes(echo: Any, mode: str) -> None:
-    totals = await asyncio.wait_for(
-        asyncio.gather(*(_client_session(echo, mode, seed) for seed in range(CLIENTS))), 60
-    )
-    total = sum(totals)
-    await echo.wait_for(lambda: echo.value("echo_connections_active", mode=mode) == 0)
-    assert echo.value("echo_connections_opened_total", mode=mode) == CLIENTS
-    assert echo.value("echo_received_bytes_total", mode=mode) == total
-    assert echo.value("echo_sent_bytes_total", mode=mode) == total
-    if mode == "framed":
-        assert echo.value("echo_frames_total") == CLIENTS * 5
-        assert echo.value("echo_handling_seconds_count") > 0
+async def test_concurrent_clients_each_get_their_own_bytes(start_echo: Any, mode: str) -> None:
+    async with start_echo(limit_connections_per_source=CLIENTS) as echo:  # all from 127.0.0.1
+        totals = await asyncio.wait_for(
+            asyncio.gather(*(_client_session(echo, mode, seed) for seed in range(CLIENTS))), 60
+        )
+        total = sum(totals)
+        await echo.wait_for(lambda: echo.value("echo_connections_active", mode=mode) == 0)
+        assert echo.value("echo_connections_opened_total", mode=mode) == CLIENTS
+        assert echo.value("echo_received_bytes_total", mode=mode) == total
+        assert echo.value("echo_sent_bytes_total", mode=mode) == total
+        if mode == "framed":
+            assert echo.value("echo_frames_total") == CLIENTS * 5
+            assert echo.value("echo_handling_seconds_count") > 0
 
 
 @pytest.mark.parametrize("how", ["reset", "eof"])
@@ -76,13 +77,14 @@ async def test_client_vanishing_mid_frame_does_not_disturb_others(echo: Any, how
     writer.close()
 
 
-async def test_oversize_frame_closes_that_connection_and_counts(start_echo: Any) -> None:
+async def test_oversize_frame_resets_that_connection_and_counts(start_echo: Any) -> None:
     async with start_echo(max_frame_size=1024) as h:
         good_r, good_w = await h.connect("framed")
         bad_r, bad_w = await h.connect("framed")
         bad_w.write(struct.pack("!I", 2**32 - 1) + b"x" * 100)
         await bad_w.drain()
-        assert await asyncio.wait_for(bad_r.read(), 5) == b""  # closed, nothing echoed
+        with pytest.raises(ConnectionResetError):  # reset: nothing of it will be answered
+            await asyncio.wait_for(bad_r.read(), 5)
         await write_frame(good_w, b"y" * 1024)
         assert await read_frame(good_r, 1024) == b"y" * 1024
         assert h.value("echo_errors_total", mode="framed", kind="frame_too_large") == 1
@@ -104,8 +106,9 @@ async def test_idle_timeout_closes_silent_and_stalled_peers_but_not_active_ones(
             await write_frame(active_w, b"ping")
             assert await read_frame(active_r) == b"ping"
             await asyncio.sleep(0.1)
-        assert await asyncio.wait_for(silent_r.read(), 5) == b""
-        assert await asyncio.wait_for(stalled_r.read(), 5) == b""
+        assert await asyncio.wait_for(silent_r.read(), 5) == b""  # nothing lost: FIN
+        with pytest.raises(ConnectionResetError):  # a frame left unanswered: RST
+            await asyncio.wait_for(stalled_r.read(), 5)
         assert loop.time() - start < 5
         await write_frame(active_w, b"still here")
         assert await read_frame(active_r) == b"still here"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import struct
+import traceback
 import tracemalloc
 
 import pytest
@@ -11,7 +12,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from wirekit_framing import (
-    HEADER_SIZE,
     MAX_WIRE_FRAME_SIZE,
     FrameDecoder,
     FrameTooLarge,
@@ -152,37 +152,181 @@ def test_invalid_limit_rejected(bad: int) -> None:
         FrameDecoder(max_frame_size=bad)
 
 
-def test_buffer_is_compacted_on_long_streams() -> None:
-    """Many frames fed in chunks that never end on a boundary: the buffer stays small."""
+def test_buffer_holds_only_the_incomplete_frame_on_long_streams() -> None:
+    """Chunks that never end on a frame boundary: what stays buffered is the frame in progress
+    (never the frames already returned), so memory is bounded by one frame."""
     decoder = FrameDecoder()
-    chunk = encode(b"z" * 1000) * 200 + b"\x00\x00"  # always leaves a partial header behind
+    frame = encode(b"z" * 1000)
+    stream = frame * 2000
+    step = len(frame) * 7 + 3  # every chunk ends inside a different part of a frame
     total = 0
-    for _ in range(50):
-        frames = decoder.feed(chunk)
-        total += len(frames)
-        decoder.feed(b"\x03\xe8" + b"z" * 1000)  # complete the dangling frame
-        total += 1
-        assert len(decoder._buf) < 2 * len(chunk)
-    assert total == 50 * 201
-    assert HEADER_SIZE == 4
+    for pos in range(0, len(stream), step):
+        total += len(decoder.feed(stream[pos : pos + step]))
+        assert decoder.buffered < len(frame)
+        assert len(decoder._buf) == decoder.buffered
+    assert total == 2000
+    decoder.close()
+
+
+# -- split invariance, errors included ----------------------------------------------------------
+LIMIT = 64
+
+
+def _model(frames: list[bytes], bad: int | None, tail: bytes) -> tuple[list[bytes], object]:
+    """What any split of ``wire(frames, bad, tail)`` must deliver: frames, then the error."""
+    if bad is not None:
+        return frames, ("too_large", bad)
+    if tail:
+        return frames, ("incomplete", len(tail))
+    return frames, None
+
+
+def _wire(frames: list[bytes], bad: int | None, tail: bytes) -> bytes:
+    out = encode_many(frames, LIMIT)
+    if bad is not None:
+        return out + struct.pack("!I", bad) + tail  # tail: whatever follows the bad header
+    return out + tail
+
+
+def _deliver(
+    wire: bytes, cuts: list[int], kind: str, use_relay: list[bool]
+) -> tuple[list[bytes], object]:
+    """Feed ``wire`` split at ``cuts`` as ``kind`` buffers; relay() or feed() per chunk."""
+    decoder = FrameDecoder(LIMIT)
+    frames: list[bytes] = []
+    relayed = bytearray()
+    points = sorted({c % (len(wire) + 1) for c in cuts} | {0, len(wire)})
+    try:
+        for i, (a, b) in enumerate(itertools.pairwise(points)):
+            chunk = wire[a:b]
+            data: bytes | bytearray | memoryview = {
+                "bytes": chunk, "bytearray": bytearray(chunk), "memoryview": memoryview(chunk)
+            }[kind]  # fmt: skip
+            if use_relay[i % len(use_relay)]:
+                count, out = decoder.relay(data)
+                got = FrameDecoder(LIMIT).feed(bytes(out))  # the wire bytes are whole frames
+                assert len(got) == count
+                frames.extend(got)
+                relayed += out
+            else:
+                frames.extend(decoder.feed(data))
+        decoder.close()
+    except FrameTooLarge as exc:
+        return frames + exc.frames, ("too_large", exc.size)
+    except IncompleteFrame as exc:
+        return frames, ("incomplete", exc.buffered)
+    return frames, None
+
+
+frames_st = st.lists(st.binary(max_size=LIMIT), max_size=12)
+
+
+@given(
+    frames=frames_st,
+    bad=st.none() | st.integers(min_value=LIMIT + 1, max_value=MAX_WIRE_FRAME_SIZE),
+    tail=st.binary(max_size=8),
+    cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=30),
+    kind=st.sampled_from(["bytes", "bytearray", "memoryview"]),
+    use_relay=st.lists(st.booleans(), min_size=1, max_size=5),
+)
+def test_any_split_delivers_the_same_frames_and_the_same_error(
+    frames: list[bytes], bad: int | None, tail: bytes, cuts: list[int], kind: str,
+    use_relay: list[bool],
+) -> None:  # fmt: skip
+    if bad is None:
+        tail = b""  # an incomplete tail is covered below; here: valid, or broken by a header
+    wire = _wire(frames, bad, tail)
+    expected = _model(frames, bad, b"")
+    assert _deliver(wire, cuts, kind, use_relay) == expected
+    assert _deliver(wire, [], kind, use_relay) == expected  # one feed
+    assert _deliver(wire, list(range(len(wire))), kind, use_relay) == expected  # byte at a time
+
+
+@given(frames=frames_st, size=st.integers(min_value=0, max_value=LIMIT), data=st.data())
+def test_a_stream_that_stops_inside_a_frame_is_incomplete_whatever_the_split(
+    frames: list[bytes], size: int, data: st.DataObject
+) -> None:
+    partial = encode(b"p" * size, LIMIT)
+    tail = partial[: data.draw(st.integers(min_value=1, max_value=len(partial) - 1))]
+    wire = encode_many(frames, LIMIT) + tail
+    cuts = data.draw(st.lists(st.integers(min_value=0, max_value=10_000), max_size=20))
+    for use_relay in ([False], [True], [True, False]):
+        assert _deliver(wire, cuts, "bytes", use_relay) == (frames, ("incomplete", len(tail)))
+
+
+@given(frames=frames_st, cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=30))
+def test_relay_returns_the_wire_bytes_of_whole_frames_exactly(
+    frames: list[bytes], cuts: list[int]
+) -> None:
+    wire = encode_many(frames, LIMIT)
+    points = sorted({c % (len(wire) + 1) for c in cuts} | {0, len(wire)})
+    decoder = FrameDecoder(LIMIT)
+    out = bytearray()
+    count = 0
+    for a, b in itertools.pairwise(points):
+        n, got = decoder.relay(wire[a:b])
+        count += n
+        out += got
+        # Never more than the whole frames received so far, never a byte of a partial frame.
+        assert wire[: len(out)] == out
+        assert len(wire[:b]) - len(out) == decoder.buffered
+    assert (count, bytes(out)) == (len(frames), wire)
 
 
 @pytest.mark.parametrize(
-    ("pieces", "exact"),
+    ("pieces", "replies"),
     [
-        pytest.param([encode(b"a") + encode(b"bc")], [True], id="whole-frames"),
-        pytest.param([encode(b"abc")[:3], encode(b"abc")[3:]], [False, False], id="split-header"),
-        pytest.param([encode(b"abc")[:5], encode(b"abc")[5:]], [False, False], id="split-payload"),
-        pytest.param([encode(b"a") + b"\x00", b"\x00\x00\x00"], [False, False], id="tail"),
-        pytest.param([encode(b"a"), encode(b"")], [True, True], id="one-then-empty"),
+        # The defect of issue 10: whole frames followed by exactly one complete header.
+        pytest.param(
+            [bytes.fromhex("000000016100000005"), b"hello"],
+            [bytes.fromhex("0000000161"), bytes.fromhex("00000005") + b"hello"],
+            id="frames-then-a-whole-header",
+        ),
+        pytest.param(
+            [encode(b"a") + encode(b"bc")], [encode(b"a") + encode(b"bc")], id="whole-frames"
+        ),
+        pytest.param([b"\x00\x00\x00", b"\x00"], [b"", b"\x00\x00\x00\x00"], id="split-empty"),
+        pytest.param(
+            [encode(b"abc")[:5], encode(b"abc")[5:] + encode(b"d")[:2], encode(b"d")[2:]],
+            [b"", encode(b"abc"), encode(b"d")],
+            id="split-payload-then-header",
+        ),
     ],
 )
-def test_exact_tells_when_the_frames_are_the_bytes_fed(
-    pieces: list[bytes], exact: list[bool]
+def test_relay_never_returns_a_header_of_a_frame_in_progress(
+    pieces: list[bytes], replies: list[bytes]
 ) -> None:
     decoder = FrameDecoder()
-    seen = []
-    for piece in pieces:
-        decoder.feed(piece)
-        seen.append(decoder.exact)
-    assert seen == exact
+    assert [bytes(decoder.relay(piece)[1]) for piece in pieces] == replies
+
+
+def test_relay_returns_bytes_input_itself_and_copies_mutable_input() -> None:
+    wire = encode(b"abc") + encode(b"")
+    assert FrameDecoder().relay(wire)[1] is wire  # whole frames: the very object, no copy
+    mutable = bytearray(wire + b"\x00")
+    count, out = FrameDecoder().relay(mutable)
+    mutable[:] = b"x" * len(mutable)  # the caller reuses its buffer
+    assert (count, bytes(out)) == (2, wire)
+
+
+def test_errors_keep_no_reference_to_the_callers_buffer_and_do_not_grow() -> None:
+    decoder = FrameDecoder(LIMIT)
+    data = bytearray(encode(b"ok", LIMIT) + struct.pack("!I", LIMIT + 1) + b"junk")
+    with pytest.raises(FrameTooLarge) as first:
+        decoder.feed(data)
+    assert first.value.frames == [b"ok"]
+    data.extend(b"more")  # resizable: no memoryview of it is alive
+    del data[:]
+    tb, referenced = first.value.__traceback__.tb_next, []  # the frames below this test's
+    while tb is not None:
+        referenced += [v for v in tb.tb_frame.f_locals.values() if v is data]
+        tb = tb.tb_next
+    assert referenced == []
+    depths = []
+    for call in (decoder.feed, decoder.relay, decoder.feed, lambda _: decoder.close()):
+        with pytest.raises(FrameTooLarge) as again:
+            call(b"\x00")
+        assert again.value is not first.value
+        assert again.value.frames == []
+        depths.append(len(traceback.extract_tb(again.value.__traceback__)))
+    assert depths[0] == depths[2]  # no growth from one call to the next

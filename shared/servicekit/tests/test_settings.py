@@ -37,8 +37,8 @@ def _get(settings: ServiceSettings, name: str) -> object:
 
 def test_defaults(demo: type[ServiceSettings]) -> None:
     s = demo.load([])
-    assert (_get(s, "token"), _get(s, "port"), s.host, s.limit_connections) == (
-        "default-token", 1, "127.0.0.1", 1024,
+    assert (_get(s, "token"), _get(s, "port"), s.host, s.drain_grace_s) == (
+        "default-token", 1, "127.0.0.1", 0.0,
     )  # fmt: skip
 
 

@@ -13,7 +13,13 @@ from collections.abc import Callable, Sequence
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
-from wirekit_servicekit import ConnectionHub, Listener, serve_service, service_main
+from wirekit_servicekit import (
+    ConnectionHub,
+    ConnectionLimits,
+    Listener,
+    serve_service,
+    service_main,
+)
 
 from . import __version__, runner
 from .policy import Policy
@@ -54,7 +60,6 @@ def build_service(
             extra={"token": token},
         )
     metrics = CmdexecMetrics(registry)
-    conn = metrics.connections
     rlimits = {"nproc": settings.rlimit_nproc, "cpu": settings.rlimit_cpu_s,
                "as": settings.rlimit_as_bytes}  # fmt: skip
     policy = Policy(
@@ -82,13 +87,7 @@ def build_service(
         auth_failure_delay_s=settings.auth_failure_delay_s,
         metrics=metrics,
         tracer=provider.get_tracer("wirekit_cmdexec", __version__),
-        hub=ConnectionHub(
-            limit=settings.limit_connections,
-            idle_timeout=settings.timeout_idle_s,
-            opened=conn.opened,
-            active=conn.active,
-            rejected=conn.rejected.labels("limit"),
-        ),
+        hub=ConnectionHub(ConnectionLimits.from_settings(settings), metrics.connections),
     )
 
 

@@ -122,6 +122,7 @@ class Connection:
         self.reader = reader
         self.writer = writer
         self.activity = 0
+        self.frame_started = 0.0
         self.running = False
         self.draining = False
         self.inbox: runner.Inbox = asyncio.Queue(INBOX_SIZE)
@@ -301,7 +302,7 @@ class Connection:
 async def handle(svc: Service, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """The stream callback for one accepted connection."""
     conn = Connection(svc, reader, writer)
-    if not svc.hub.admit(conn):
+    if not svc.hub.admit(conn, writer.get_extra_info("peername")):
         writer.close()
         return
     try:

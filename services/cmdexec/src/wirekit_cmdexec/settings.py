@@ -8,7 +8,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from wirekit_framing import DEFAULT_MAX_FRAME_SIZE, MAX_WIRE_FRAME_SIZE
-from wirekit_servicekit import ServiceSettings
+from wirekit_servicekit import TcpServiceSettings
 
 #: Harmless, read-only commands (uptime: `cat /proc/uptime`; procps is not in slim images).
 #: `cat`, `ls`, `date`, `hostname` and `df` are limited by DEFAULT_ARG_PATTERNS.
@@ -23,7 +23,7 @@ DEFAULT_ARG_PATTERNS = {
 }
 
 
-class CmdexecSettings(ServiceSettings):
+class CmdexecSettings(TcpServiceSettings):
     """wirekit cmdexec: remote command execution over TCP. Authenticated, allowlisted, no shell,
     limited in time, output and concurrency."""
 

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
-from wirekit_servicekit import Listener, serve_service, service_main
+from wirekit_servicekit import ConnectionLimits, Listener, serve_service, service_main
 
 from . import __version__
 from .protocol import EchoContext, EchoMetrics, FramedEcho, RawEcho
@@ -33,8 +33,7 @@ def build_listeners(
             mode,
             metrics,
             tracer,
-            limit=settings.limit_connections,
-            idle_timeout=settings.timeout_idle_s,
+            limits=ConnectionLimits.from_settings(settings),
             max_frame_size=settings.max_frame_size,
         )
         factory = functools.partial(_PROTOCOLS[mode], ctx)

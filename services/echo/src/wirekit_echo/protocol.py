@@ -1,9 +1,16 @@
 """The echo protocols: one ``asyncio.Protocol`` per connection, raw or framed.
 
-Path of the data: ``data_received(chunk)`` -> (framed: ``FrameDecoder.feed``) -> one
-``transport.write`` per chunk -> counters moved through label children bound once per
-listener. Back-pressure: reading pauses while the transport's write buffer is over its
-high-water mark. One span per connection; never one per message.
+Path of the data: ``data_received(chunk)`` -> (framed: ``FrameDecoder.relay``, which returns the
+bytes of the frames the chunk completed, exactly as received) -> one ``transport.write`` per
+chunk -> counters moved through label children bound once per listener. Back-pressure: reading
+pauses while the transport's write buffer is over its high-water mark. One span per connection;
+never one per message.
+
+What a client can rely on (docs/protocol.md, "Shutdown and errors"): every frame (raw: every
+byte) the server reads is answered, in order. A connection closed while something it sent is
+left unanswered -- a frame in progress, bytes not yet read, replies the client is not reading,
+data after the server's end of stream, an oversize frame -- is reset (RST) and counted by
+kind; a FIN (end of stream) means everything received was answered.
 """
 
 from __future__ import annotations
@@ -21,17 +28,28 @@ from prometheus_client import CollectorRegistry, Counter
 from wirekit_framing import MAX_WIRE_FRAME_SIZE, FrameDecoder, FrameTooLarge, encode_many
 from wirekit_servicekit import (
     ConnectionHub,
+    ConnectionLimits,
     ConnectionMetrics,
     HotCounter,
     HotHistogram,
     connection_span,
+    reset,
+    unread_bytes,
 )
 from wirekit_servicekit.metrics import Cell
 
 log = logging.getLogger(__name__)
 
 #: Error kinds counted in ``echo_errors_total{kind}`` (bounded label set).
-ERROR_KINDS = ("frame_too_large", "incomplete_frame", "idle_timeout", "reset", "shutdown")
+ERROR_KINDS = (
+    "frame_too_large", "incomplete_frame", "idle_timeout", "frame_timeout", "unanswered",
+    "reset", "shutdown",
+)  # fmt: skip
+#: Drain: a connection is half-closed once everything it sent has been answered and it has sent
+#: nothing more for this long, so bytes already in flight from the client (sent before it could
+#: see our end of stream) are read and answered instead of being reset. Well above loopback and
+#: LAN round trips; the drain deadline (``timeout_drain_s``) bounds the whole.
+DRAIN_QUIET_S = 0.2
 #: Sub-millisecond buckets: an echo is handled in microseconds when all is well.
 LATENCY_BUCKETS = (
     10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 50e-3, 0.25, 1.0,
@@ -88,21 +106,12 @@ class EchoContext:
         metrics: EchoMetrics,
         tracer: trace.Tracer,
         *,
-        limit: int,
-        idle_timeout: float,
+        limits: ConnectionLimits,
         max_frame_size: int,
     ) -> EchoContext:
-        conn = metrics.connections
-        hub = ConnectionHub(
-            limit=limit,
-            idle_timeout=idle_timeout,
-            opened=conn.opened.labels(mode),
-            active=conn.active.labels(mode),
-            rejected=conn.rejected.labels(mode, "limit"),
-        )
         return cls(
             mode=mode,
-            hub=hub,
+            hub=ConnectionHub(limits, metrics.connections, mode),
             tracer=tracer,
             max_frame_size=max_frame_size,
             received=metrics.received.labels(mode),
@@ -116,16 +125,18 @@ class EchoContext:
 class _EchoConnection(asyncio.Protocol):
     mode: ClassVar[str]
     # Slots: 10,000 idle connections should cost as little as possible.
-    __slots__ = ("_error", "_started", "activity", "ctx", "draining", "half_closed", "span",
-                 "transport")  # fmt: skip
+    __slots__ = ("_error", "_quiet_check", "_started", "activity", "ctx", "draining",
+                 "frame_started", "half_closed", "span", "transport")  # fmt: skip
 
     def __init__(self, ctx: EchoContext) -> None:
         self.ctx = ctx
-        self.activity = 0  # bytes received; the hub's idle sweeper watches it move
+        self.activity = 0  # bytes received; the hub's sweeper watches it move
+        self.frame_started = 0.0  # perf_counter() of the first byte of a frame in progress
         self.transport: asyncio.Transport | None = None
         self.span: trace.Span | None = None  # made when first needed, timed from _started
         self._started = 0
         self.draining = False
+        self._quiet_check: asyncio.TimerHandle | None = None  # drain: pending quiet check
         self.half_closed = False  # drain: our side sent EOF, nothing more can be written
         self._error: str | None = None
 
@@ -134,7 +145,7 @@ class _EchoConnection(asyncio.Protocol):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
-        if not self.ctx.hub.admit(self):
+        if not self.ctx.hub.admit(self, transport.get_extra_info("peername")):
             transport.close()
             return
         self._started = time_ns()
@@ -154,8 +165,10 @@ class _EchoConnection(asyncio.Protocol):
         return self.span
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._quiet_check is not None:
+            self._quiet_check.cancel()
         if exc is not None and self._error is None:
-            self._fail("reset", str(exc), close=False)
+            self._fail("reset", str(exc))
         if not self._started:
             return  # refused at once: never admitted, no span
         self.ctx.hub.release(self)
@@ -174,40 +187,85 @@ class _EchoConnection(asyncio.Protocol):
         self.activity += 1  # the peer is reading: not idle
         if not self.transport.is_closing():
             self.transport.resume_reading()
+            if self.draining:
+                self._finish_if_answered()
 
     # -- hub callbacks ----------------------------------------------------------------------
     def begin_drain(self) -> None:
         self.draining = True
-        if self._idle():
-            self._finish()
+        self._finish_if_answered()
 
     def close_now(self, reason: str) -> None:
-        self._fail(reason, f"closed: {reason}", close=True)
+        if reason == "shutdown" and not self._unanswered():
+            assert self.transport is not None
+            self.transport.close()  # drain deadline, everything answered: a normal end (FIN)
+            return
+        self._fail(reason, f"closed: {reason}")
+        self._close()
 
     # -- helpers ----------------------------------------------------------------------------
-    def _idle(self) -> bool:
-        return True
+    def _in_frame(self) -> int:
+        """Bytes of a frame in progress (framed mode)."""
+        return 0
 
-    def _finish(self) -> None:
-        """Drain: flush what is queued, then half-close so the client sees every reply, then EOF."""
+    def _unanswered(self) -> bool:
+        """Something the client sent, or a reply to it, has not reached the client's socket."""
         assert self.transport is not None
-        self.half_closed = True
-        if self.transport.can_write_eof():
-            self.transport.write_eof()
-        else:  # pragma: no cover - TCP transports can always write EOF
-            self.transport.close()
+        return bool(
+            self._in_frame()
+            or self.transport.get_write_buffer_size()
+            or unread_bytes(self.transport)
+        )
 
-    def _fail(self, kind: str, detail: str, *, close: bool) -> None:
+    def _finish_if_answered(self) -> None:
+        """Drain: once everything read is answered, nothing waits unread in the socket and the
+        client has been quiet for ``DRAIN_QUIET_S``, half-close (FIN after the queued replies):
+        the client reads every reply, then end of stream."""
+        transport = self.transport
+        assert transport is not None
+        if self.half_closed or transport.is_closing() or self._quiet_check is not None:
+            return
+        if self._in_frame() or unread_bytes(transport):
+            return  # more to read and answer first: called again after the next read
+        self._quiet_check = asyncio.get_running_loop().call_later(
+            DRAIN_QUIET_S, self._finish_if_still_quiet, self.activity
+        )
+
+    def _finish_if_still_quiet(self, activity: int) -> None:
+        self._quiet_check = None
+        transport = self.transport
+        assert transport is not None
+        if transport.is_closing():
+            return
+        if self.activity != activity or self._in_frame() or unread_bytes(transport):
+            self._finish_if_answered()  # it spoke meanwhile: look again later
+            return
+        self.half_closed = True
+        transport.write_eof()
+
+    def _after_half_close(self, n: int) -> None:
+        """Data that arrived after our FIN can never be answered: reset, counted."""
+        self._fail("unanswered", f"{n} bytes arrived after the server's end of stream")
+        self._close(lost=True)
+
+    def _fail(self, kind: str, detail: str) -> None:
+        """Count and log an error of this connection (its span ends with status ERROR)."""
         self._error = kind
         self.ctx.errors[kind].inc()
         if self._started:
             with trace.use_span(self._span(), end_on_exit=False):
                 log.info("connection error", extra={"kind": kind, "detail": detail})
-        if close and self.transport is not None:
-            if self.transport.get_write_buffer_size():
-                self.transport.abort()  # the peer is not reading either: do not wait for it
-            else:
-                self.transport.close()
+
+    def _close(self, *, lost: bool = False) -> None:
+        """Close: with a FIN when everything received has been answered, else with a RST
+        (``lost``: the caller knows something received will never be answered)."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if lost or self._unanswered():
+            reset(transport)
+        else:
+            transport.close()  # FIN once the queued replies are out
 
 
 class RawEcho(_EchoConnection):
@@ -222,13 +280,17 @@ class RawEcho(_EchoConnection):
         ctx = self.ctx
         ctx.received.n += n
         if self.half_closed:
-            return  # draining: nothing more can be sent
+            self._after_half_close(n)
+            return
         self.transport.write(data)  # type: ignore[union-attr]
         ctx.sent.n += n
+        if self.draining:
+            self._finish_if_answered()
 
 
 class FramedEcho(_EchoConnection):
-    """Each length-prefixed frame is returned as one frame; a read's replies go out in one write."""
+    """Each length-prefixed frame is returned as one frame; a read's replies go out in one write:
+    the bytes of the frames the read completed, exactly as received (``FrameDecoder.relay``)."""
 
     mode = "framed"
     __slots__ = ("decoder",)
@@ -243,34 +305,45 @@ class FramedEcho(_EchoConnection):
         self.activity += n
         ctx = self.ctx
         ctx.received.n += n
+        if self.half_closed:
+            self._after_half_close(n)
+            return
         decoder = self.decoder
         try:
-            frames = decoder.feed(data)
+            count, out = decoder.relay(data)
         except FrameTooLarge as exc:
-            self._fail("frame_too_large", str(exc), close=True)
+            # Answer the frames before the bad header, then reset: the rest is never answered.
+            if exc.frames:
+                self._reply(len(exc.frames), encode_many(exc.frames, MAX_WIRE_FRAME_SIZE), start)
+            self._fail("frame_too_large", str(exc))
+            self._close(lost=True)
             return
-        if self.half_closed:
-            return
-        if frames:
-            assert self.transport is not None
-            # Whole frames only: the reply is those very bytes (no copy). Otherwise re-encode
-            # (sizes were checked by the decoder already).
-            out = data if decoder.exact else encode_many(frames, MAX_WIRE_FRAME_SIZE)
-            self.transport.write(out)
-            ctx.sent.n += len(out)
-            ctx.frames.n += len(frames)
-            ctx.handling.observe(perf_counter() - start)
-        if self.draining and self._idle():
-            self._finish()
+        if count:
+            self._reply(count, out, start)
+        if decoder.buffered:
+            if count or not self.frame_started:
+                self.frame_started = start  # a new frame began in this read
+        elif self.frame_started:
+            self.frame_started = 0.0
+        if self.draining:
+            self._finish_if_answered()
+
+    def _reply(self, count: int, out: bytes | memoryview, start: float) -> None:
+        ctx = self.ctx
+        self.transport.write(out)  # type: ignore[union-attr]
+        ctx.sent.n += len(out)
+        ctx.frames.n += count
+        ctx.handling.observe(perf_counter() - start)
 
     def eof_received(self) -> bool:
         if self.decoder.buffered:
+            # The client ended its own stream inside a frame: it knows that frame is not
+            # answered. Its earlier replies still go out, then our FIN.
             self._fail(
                 "incomplete_frame",
                 f"end of stream with {self.decoder.buffered} bytes of a frame buffered",
-                close=False,
             )
         return False  # let asyncio close the transport once replies are flushed
 
-    def _idle(self) -> bool:
-        return self.decoder.buffered == 0
+    def _in_frame(self) -> int:
+        return self.decoder.buffered

@@ -8,10 +8,10 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from wirekit_framing import DEFAULT_MAX_FRAME_SIZE, MAX_WIRE_FRAME_SIZE
-from wirekit_servicekit import ServiceSettings
+from wirekit_servicekit import TcpServiceSettings
 
 
-class EchoSettings(ServiceSettings):
+class EchoSettings(TcpServiceSettings):
     """wirekit echo: TCP echo (RFC 862). Raw mode returns bytes as they arrive (works with nc);
     framed mode returns each length-prefixed frame as one frame."""
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable
+from typing import Any, NoReturn
 
 from ._errors import FrameTooLarge, IncompleteFrame
 
@@ -37,12 +38,11 @@ MAX_WIRE_FRAME_SIZE = 2**32 - 1
 #: Default bound on one frame's payload: 1 MiB. Large enough for any message of the three
 #: services, small enough that a hostile length costs nothing. Every service has it as a setting.
 DEFAULT_MAX_FRAME_SIZE = 1024 * 1024
-#: Consumed bytes at the front of the buffer are dropped once they pass this many (and half the
-#: buffer), so compaction is amortised O(1) per byte and the buffer never grows without bound.
-_COMPACT_THRESHOLD = 64 * 1024
 
 _pack = HEADER.pack
 _unpack_from = HEADER.unpack_from
+
+_Buffer = bytes | bytearray | memoryview
 
 
 def _check_limit(max_frame_size: int) -> None:
@@ -50,9 +50,7 @@ def _check_limit(max_frame_size: int) -> None:
         raise ValueError(f"max_frame_size must be within 0..{MAX_WIRE_FRAME_SIZE}")
 
 
-def encode(
-    payload: bytes | bytearray | memoryview, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
-) -> bytes:
+def encode(payload: _Buffer, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> bytes:
     """Return ``header + payload`` as one ``bytes`` (one write: no Nagle stall between the two)."""
     size = len(payload)
     if size > max_frame_size:
@@ -60,9 +58,7 @@ def encode(
     return _pack(size) + payload
 
 
-def encode_many(
-    payloads: Iterable[bytes | bytearray | memoryview], max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
-) -> bytes:
+def encode_many(payloads: Iterable[_Buffer], max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> bytes:
     """Encode several frames into one buffer, for one ``write`` per batch."""
     out = bytearray()
     for payload in payloads:
@@ -74,110 +70,166 @@ def encode_many(
     return bytes(out)
 
 
+def _scan(data: _Buffer, limit: int) -> tuple[int, int, int]:
+    """Walk the headers of ``data``, which starts on a frame boundary, without copying anything.
+
+    Returns ``(count, end, need)``: ``count`` whole frames fill ``data[:end]``; ``need`` is the
+    wire length (header included) of the frame that starts at ``end`` when its header is
+    complete, -1 when it is not, and ``-2 - N`` when that header declares ``N > limit`` (the
+    stream is broken at ``end``).
+    """
+    size = len(data)
+    pos = count = 0
+    while size - pos >= HEADER_SIZE:
+        (n,) = _unpack_from(data, pos)
+        if n > limit:
+            return count, pos, -2 - n
+        if size - pos - HEADER_SIZE < n:
+            return count, pos, HEADER_SIZE + n
+        pos += HEADER_SIZE + n
+        count += 1
+    return count, pos, -1
+
+
+def _split(data: _Buffer, limit: int) -> tuple[list[bytes], int, int]:
+    """:func:`_scan` that also returns the payloads: ``(frames, end, need)``."""
+    if isinstance(data, bytes):
+        return _split_sliceable(data, limit)  # slices of bytes are bytes: one copy each
+    with memoryview(data) as view:
+        views, end, need = _split_sliceable(view, limit)
+        return [bytes(v) for v in views], end, need
+
+
+def _split_sliceable(data: bytes | memoryview, limit: int) -> tuple[list[Any], int, int]:
+    size = len(data)
+    pos = 0
+    frames: list[Any] = []
+    while size - pos >= HEADER_SIZE:
+        (n,) = _unpack_from(data, pos)
+        if n > limit:
+            return frames, pos, -2 - n
+        if size - pos - HEADER_SIZE < n:
+            return frames, pos, HEADER_SIZE + n
+        pos += HEADER_SIZE
+        frames.append(data[pos : pos + n])
+        pos += n
+    return frames, pos, -1
+
+
 class FrameDecoder:
-    """Incremental decoder. ``feed(data)`` returns the frames completed by ``data``.
+    """Incremental decoder: bytes in, frames out, for any split of the stream.
 
-    Partial state (a header or payload not yet complete) is kept between calls, so any split of
-    a byte stream, byte-at-a-time included, yields exactly the frames of the whole. Buffering is
-    one ``bytearray`` plus a read offset (O(n) in the bytes fed). Call ``close()`` at end of
-    stream: it raises :class:`IncompleteFrame` if the stream stopped inside a frame.
+    ``feed(data)`` returns the payloads of the frames ``data`` completes; ``relay(data)`` returns
+    how many frames it completed and their bytes exactly as received (headers included), which
+    is what a relay or an echo may forward as is. Both may be mixed on one stream.
 
-    After :class:`FrameTooLarge` the stream is unrecoverable (the decoder cannot resynchronise);
-    the caller closes the connection. Further ``feed()`` calls raise the same error again.
+    State: ``_buf`` holds the bytes of the one incomplete frame at the end of what was fed (its
+    header included), so it always starts on a frame boundary; ``_need`` is that frame's wire
+    length once its header is complete (-1 before). Whole frames are sliced straight from the
+    caller's data when nothing is pending; otherwise the data is appended to ``_buf``, and once
+    the frame completes, whatever follows it (at most the new data) is moved to the front: O(n)
+    in the bytes fed for any split, byte-at-a-time included.
+
+    Errors. A header over ``max_frame_size`` raises :class:`FrameTooLarge` carrying, in
+    ``frames``, the payloads that the same call completed before it: for every split of a
+    stream, the frames delivered (returned, then carried by the error) and the error are the
+    same. The stream cannot be resynchronised: every later ``feed()``, ``relay()`` or
+    ``close()`` raises a new ``FrameTooLarge`` with no frames. An error never refers to the
+    caller's buffer. Call ``close()`` at end of stream: it raises :class:`IncompleteFrame` when
+    the stream stopped inside a frame.
     """
 
-    __slots__ = ("_buf", "_error", "_need", "_pos", "exact", "max_frame_size")
+    __slots__ = ("_broken", "_buf", "_need", "max_frame_size")
 
     def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
         _check_limit(max_frame_size)
         self.max_frame_size = max_frame_size
         self._buf = bytearray()
-        self._pos = 0
-        # Length of the payload whose header has been read, or -1 while reading a header.
         self._need = -1
-        self._error: FrameTooLarge | None = None
-        #: True when the last ``feed()`` consumed whole frames only, with nothing pending before
-        #: or after: its frames are then exactly the bytes fed (a relay may forward them as is).
-        self.exact = False
+        self._broken = -1  # the declared size of the header that broke the stream
 
     @property
     def buffered(self) -> int:
-        """Bytes received but not yet returned as part of a frame (header bytes included)."""
-        pending = len(self._buf) - self._pos
-        return pending + (HEADER_SIZE if self._need >= 0 else 0)
+        """Bytes of an incomplete frame received so far (header bytes included); 0 between
+        frames. Whole frames are never buffered: a call returns every frame it completes."""
+        return len(self._buf)
 
-    def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
-        """Consume ``data``; return every frame it completes, in order (maybe none)."""
-        if self._error is not None:
-            raise self._error
+    def feed(self, data: _Buffer) -> list[bytes]:
+        """Consume ``data``; return the payload of every frame it completes, in order."""
+        if self._broken >= 0:
+            self._raise([])
         buf = self._buf
-        if not buf and self._need < 0:
-            # Fast path, the usual case on a healthy stream: nothing pending, so frames are
-            # sliced straight out of ``data``; only an incomplete tail is buffered.
-            return self._feed_fresh(data)
-        self.exact = False
-        buf += data
-        frames: list[bytes] = []
-        pos = self._pos
-        need = self._need
-        end = len(buf)
-        limit = self.max_frame_size
-        while True:
-            if need < 0:
-                if end - pos < HEADER_SIZE:
-                    break
-                (need,) = _unpack_from(buf, pos)
-                pos += HEADER_SIZE
-                if need > limit:
-                    self._error = FrameTooLarge(need, limit)
-                    # Drop everything: nothing after a bad header can be trusted.
-                    self._buf = bytearray()
-                    self._pos = 0
-                    self._need = -1
-                    raise self._error
-            if end - pos < need:
-                break
-            frames.append(bytes(buf[pos : pos + need]))
-            pos += need
-            need = -1
+        if buf:
+            buf += data
+            if 0 <= self._need > len(buf):
+                return []  # still inside the same frame: nothing to walk
+            frames, end, need = _split(buf, self.max_frame_size)
+            del buf[:end]
+        else:
+            frames, end, need = _split(data, self.max_frame_size)
+            if end < len(data) and need > -2:
+                buf += memoryview(data)[end:]
+        if need <= -2:
+            del data  # the error's traceback must not keep the caller's buffer alive
+            self._break(need, frames)
         self._need = need
-        if pos == end:
-            buf.clear()
-            pos = 0
-        elif pos > _COMPACT_THRESHOLD and pos * 2 > end:
-            del buf[:pos]
-            pos = 0
-        self._pos = pos
         return frames
 
-    def _feed_fresh(self, data: bytes | bytearray | memoryview) -> list[bytes]:
-        end = len(data)
-        pos = 0
-        limit = self.max_frame_size
-        frames: list[bytes] = []
-        # Slicing bytes gives bytes (one copy); other buffers go through a memoryview.
-        whole = isinstance(data, bytes)
-        view = data if whole else memoryview(data)
-        while end - pos >= HEADER_SIZE:
-            (need,) = _unpack_from(view, pos)
-            if need > limit:
-                self._error = FrameTooLarge(need, limit)
-                raise self._error
-            pos += HEADER_SIZE
-            if end - pos < need:
-                self._need = need  # the header is consumed; its payload is pending
-                break
-            frames.append(view[pos : pos + need] if whole else bytes(view[pos : pos + need]))  # type: ignore[arg-type]
-            pos += need
-        if pos < end:
-            self._buf += view[pos:]
-        self.exact = pos == end
-        return frames
+    def relay(self, data: _Buffer) -> tuple[int, bytes | memoryview]:
+        """Consume ``data``; return ``(count, wire)``: how many frames it completed and their
+        bytes exactly as received, headers included (empty when ``count`` is 0).
+
+        This is the question a relay or an echo asks ("what may I forward as is?"), answered
+        from the decoder's own state. ``wire`` is ``data`` itself when ``data`` is ``bytes`` made
+        of whole frames; a read-only view of ``data`` when such ``bytes`` end inside a frame; a
+        copy otherwise (never a view of a buffer that the caller or the decoder may change).
+        """
+        if self._broken >= 0:
+            self._raise([])
+        buf = self._buf
+        wire: bytes | memoryview = b""
+        if buf:
+            buf += data
+            if 0 <= self._need > len(buf):
+                return 0, wire
+            count, end, need = _scan(buf, self.max_frame_size)
+            if need <= -2:
+                del data
+                self._break(need, _split(buf, self.max_frame_size)[0])
+            if count:
+                wire = bytes(buf[:end])
+                del buf[:end]
+        else:
+            count, end, need = _scan(data, self.max_frame_size)
+            if need <= -2:
+                frames = _split(data, self.max_frame_size)[0]
+                del data
+                self._break(need, frames)
+            if end == len(data):
+                wire = data if isinstance(data, bytes) else bytes(data)
+            else:
+                wire = memoryview(data)[:end] if isinstance(data, bytes) else bytes(data[:end])
+                buf += memoryview(data)[end:]
+        self._need = need
+        return count, wire
 
     def close(self) -> None:
         """Signal end of stream. Raises :class:`IncompleteFrame` if inside a frame."""
-        pending = len(self._buf) - self._pos
-        if self._need >= 0:
-            raise IncompleteFrame(missing=self._need - pending, buffered=pending + HEADER_SIZE)
-        if pending:
-            raise IncompleteFrame(missing=HEADER_SIZE - pending, buffered=pending)
+        if self._broken >= 0:
+            self._raise([])
+        have = len(self._buf)
+        if have:
+            need = self._need if self._need >= 0 else HEADER_SIZE
+            raise IncompleteFrame(missing=need - have, buffered=have)
+
+    # -- internals ----------------------------------------------------------------------------
+    def _break(self, need: int, frames: list[bytes]) -> NoReturn:
+        """A header declared more than ``max_frame_size``: drop everything, raise from now on."""
+        self._broken = -2 - need
+        self._buf = bytearray()
+        self._need = -1
+        self._raise(frames)
+
+    def _raise(self, frames: list[bytes]) -> NoReturn:
+        # A new exception each time: no traceback that grows with every call.
+        raise FrameTooLarge(self._broken, self.max_frame_size, frames)

@@ -9,20 +9,24 @@ from .app import Build, serve_service, service_main
 from .lifecycle import (
     Connection,
     ConnectionHub,
+    ConnectionLimits,
     DatagramListener,
     Listener,
     install_event_loop_policy,
+    reset,
     run,
+    unread_bytes,
 )
 from .logs import TraceContextFilter, configure_logging
 from .metrics import ConnectionMetrics, HotCounter, HotHistogram, MetricsServer, new_registry
-from .settings import ServiceSettings, SettingsLoadError, load_settings
+from .settings import ServiceSettings, SettingsLoadError, TcpServiceSettings, load_settings
 from .tracing import connection_span, setup_tracing
 
 __all__ = [
     "Build",
     "Connection",
     "ConnectionHub",
+    "ConnectionLimits",
     "ConnectionMetrics",
     "DatagramListener",
     "HotCounter",
@@ -31,14 +35,17 @@ __all__ = [
     "MetricsServer",
     "ServiceSettings",
     "SettingsLoadError",
+    "TcpServiceSettings",
     "TraceContextFilter",
     "configure_logging",
     "connection_span",
     "install_event_loop_policy",
     "load_settings",
     "new_registry",
+    "reset",
     "run",
     "serve_service",
     "service_main",
     "setup_tracing",
+    "unread_bytes",
 ]

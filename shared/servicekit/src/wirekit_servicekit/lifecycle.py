@@ -3,121 +3,210 @@
 A service hands :func:`run` its listeners (name, address, protocol factory). :func:`run` starts
 the metrics endpoint, binds every listener, marks the service ready and waits for SIGTERM or
 SIGINT. Then, as uvicorn does: stop accepting, mark not ready, ask every open connection to
-finish (:meth:`Connection.begin_drain`), wait up to ``timeout_drain_s`` for them to go, and close
-the rest. A second signal during the drain closes everything at once.
+finish (:meth:`Connection.begin_drain`), wait up to ``timeout_drain_s`` (TCP) for them to go,
+and close the rest. A second signal during the drain closes everything at once.
 
 Exit status: 0 after a drain (every connection finished, or the rest closed at the deadline), 1
 when a second signal forced the exit, 2 for invalid settings (see ``settings``).
 
 :class:`ConnectionHub` is what the protocols talk to: it admits connections under
-``limit_connections`` (one more is closed at once and counted), closes connections that stay idle
-for ``timeout_idle_s`` (one timer for all of them, no per-read timer work), and drains them.
+``limit_connections`` and ``limit_connections_per_source`` (one more is closed at once and
+counted), closes connections that stay idle for ``timeout_idle_s`` or leave a frame incomplete
+for ``timeout_frame_s`` (one timer for all of them, no per-read timer work), and drains them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import ipaddress
 import logging
 import signal
+import socket
 import ssl
+import struct
+import sys
+import termios
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from prometheus_client import Counter, Gauge
-
-from .metrics import MetricsServer
-from .settings import ServiceSettings
+from .metrics import ConnectionMetrics, MetricsServer
+from .settings import ServiceSettings, TcpServiceSettings
 
 __all__ = [
+    "REJECT_REASONS",
     "Connection",
     "ConnectionHub",
+    "ConnectionLimits",
     "DatagramListener",
     "Listener",
     "drain",
     "install_event_loop_policy",
+    "reset",
     "run",
+    "source_key",
+    "unread_bytes",
 ]
 
 log = logging.getLogger(__name__)
 
-#: Idle checks per idle timeout: a silent peer is closed after between 1 and 1.25 timeouts.
-_IDLE_TICKS = 4
+#: Sweeps per timeout: a silent peer is closed after between 1 and 1.25 idle timeouts, a frame
+#: left incomplete after between 1 and 1.125 frame timeouts (sweeps see activity, not its time).
+_SWEEPS = 8
+#: Why the hub refuses a connection: the ``reason`` label of ``*_connections_rejected_total``.
+REJECT_REASONS = ("limit", "per_source", "draining")
 
 
 class Connection(Protocol):
     """What the hub needs of a protocol instance."""
 
-    #: Moves whenever the peer sends something (a byte count, say). Read by the idle sweeper.
+    #: Moves whenever the peer sends something (a byte count, say). Read by the sweeper.
     activity: int
+    #: ``time.perf_counter()`` when the first byte of the frame being received arrived; 0.0
+    #: between frames (and always, for protocols without frames).
+    frame_started: float
 
     def begin_drain(self) -> None:
         """Finish what is in flight, then close. Called once, when shutdown starts."""
 
     def close_now(self, reason: str) -> None:
-        """Close at once (idle timeout, drain deadline)."""
+        """Close at once (``idle_timeout``, ``frame_timeout``, ``shutdown``)."""
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """The bounds a hub enforces; every one is a setting (see :class:`TcpServiceSettings`)."""
+
+    connections: int
+    per_source: int
+    idle_s: float
+    frame_s: float
+
+    @classmethod
+    def from_settings(cls, settings: TcpServiceSettings) -> ConnectionLimits:
+        return cls(
+            connections=settings.limit_connections,
+            per_source=settings.limit_connections_per_source,
+            idle_s=settings.timeout_idle_s,
+            frame_s=settings.timeout_frame_s,
+        )
+
+
+def source_key(peername: object) -> str:
+    """The address a per-source limit counts: the IPv4 address, or the /64 of an IPv6 one
+    (one host usually holds a whole /64), IPv4-mapped IPv6 counted as IPv4."""
+    if not isinstance(peername, tuple) or not peername:
+        return ""
+    host = str(peername[0])
+    if ":" not in host:
+        return host
+    try:
+        addr = ipaddress.IPv6Address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(ipaddress.IPv6Network((addr, 64), strict=False))
+
+
+class _Entry:
+    __slots__ = ("activity", "seen", "source")
+
+    def __init__(self, source: str, activity: int, seen: float) -> None:
+        self.source = source
+        self.activity = activity  # the connection's activity when last looked at
+        self.seen = seen  # when it was last seen to move (a sweep's time, or the admission)
 
 
 class ConnectionHub:
-    """Admission, idle timeout and drain for one listener's connections.
+    """Admission, idle and frame deadlines, and drain for one listener's connections.
 
-    The metrics are children already bound to their labels (no label lookup per connection).
+    Admission: at most ``limits.connections`` open connections and ``limits.per_source`` from
+    one source; one more is closed at once and counted with its reason. One sweeper task for
+    all connections (no per-read timer work) closes those that sent nothing for ``idle_s`` and
+    those whose frame in progress is older than ``frame_s``. The hub owns that task:
+    :meth:`aclose` cancels and awaits it.
     """
 
-    def __init__(
-        self,
-        *,
-        limit: int,
-        idle_timeout: float,
-        opened: Counter,
-        active: Gauge,
-        rejected: Counter,
-    ) -> None:
-        self.limit = limit
-        self.idle_timeout = idle_timeout
-        self._opened = opened
-        self._active = active
-        self._rejected = rejected
-        self._connections: dict[Connection, tuple[int, int]] = {}  # conn -> (activity, idle ticks)
+    def __init__(self, limits: ConnectionLimits, metrics: ConnectionMetrics, *labels: str) -> None:
+        self.limits = limits
+        # Children bound once (an unlabelled family is its own child).
+        self._opened = metrics.opened.labels(*labels) if labels else metrics.opened
+        self._active = metrics.active.labels(*labels) if labels else metrics.active
+        self._rejected = {r: metrics.rejected.labels(*labels, r) for r in REJECT_REASONS}
+        self._connections: dict[Connection, _Entry] = {}
+        self._sources: dict[str, int] = {}
         self._draining = False
         self._empty = asyncio.Event()
         self._empty.set()
         self._sweeper: asyncio.Task[None] | None = None
 
-    def admit(self, conn: Connection) -> bool:
-        """Register a new connection; False (counted) when over the limit or draining."""
-        if self._draining or len(self._connections) >= self.limit:
-            self._rejected.inc()
-            return False
-        self._connections[conn] = (conn.activity, 0)
-        self._opened.inc()
-        self._active.inc()
-        self._empty.clear()
-        if self._sweeper is None:
-            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
-        return True
+    def __len__(self) -> int:
+        return len(self._connections)
+
+    def admit(self, conn: Connection, peername: object) -> bool:
+        """Register a new connection; False (counted by reason) when it must be refused."""
+        source = source_key(peername)
+        from_source = self._sources.get(source, 0)
+        if self._draining:
+            reason = "draining"
+        elif len(self._connections) >= self.limits.connections:
+            reason = "limit"
+        elif from_source >= self.limits.per_source:
+            reason = "per_source"
+        else:
+            self._sources[source] = from_source + 1
+            self._connections[conn] = _Entry(source, conn.activity, time.perf_counter())
+            self._opened.inc()
+            self._active.inc()
+            self._empty.clear()
+            if self._sweeper is None:
+                self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+            return True
+        self._rejected[reason].inc()
+        return False
 
     def release(self, conn: Connection) -> None:
-        if self._connections.pop(conn, None) is not None:
-            self._active.dec()
-            if not self._connections:
-                self._empty.set()
+        entry = self._connections.pop(conn, None)
+        if entry is None:
+            return
+        left = self._sources[entry.source] - 1
+        if left:
+            self._sources[entry.source] = left
+        else:
+            del self._sources[entry.source]
+        self._active.dec()
+        if not self._connections:
+            self._empty.set()
 
     async def _sweep(self) -> None:
-        tick = self.idle_timeout / _IDLE_TICKS
+        limits = self.limits
+        tick = min(limits.idle_s, limits.frame_s) / _SWEEPS
         while True:
             await asyncio.sleep(tick)
-            stale: list[Connection] = []
-            for conn, (seen, ticks) in self._connections.items():
-                if conn.activity != seen:
-                    self._connections[conn] = (conn.activity, 0)
-                elif ticks + 1 >= _IDLE_TICKS:
-                    stale.append(conn)
-                else:
-                    self._connections[conn] = (seen, ticks + 1)
-            for conn in stale:
-                conn.close_now("idle_timeout")
+            try:
+                self.sweep(time.perf_counter())
+            except Exception:  # a bug here must not silently end every deadline
+                log.exception("connection sweep failed")
+
+    def sweep(self, now: float) -> None:
+        """Close the connections past a deadline at ``now`` (a ``perf_counter`` time)."""
+        idle_s, frame_s = self.limits.idle_s, self.limits.frame_s
+        late: list[tuple[Connection, str]] = []
+        for conn, entry in self._connections.items():
+            if conn.activity != entry.activity:
+                entry.activity, entry.seen = conn.activity, now
+            elif now - entry.seen >= idle_s:
+                late.append((conn, "idle_timeout"))
+                continue
+            started = conn.frame_started
+            if started and now - started >= frame_s:
+                late.append((conn, "frame_timeout"))
+        for conn, reason in late:
+            conn.close_now(reason)
 
     def begin_drain(self) -> None:
         """Refuse new connections; ask every open one to finish."""
@@ -133,23 +222,67 @@ class ConnectionHub:
         left = list(self._connections)
         for conn in left:
             conn.close_now("shutdown")
+        return len(left)
+
+    async def aclose(self) -> None:
+        """Stop the sweeper and wait for it."""
         if self._sweeper is not None:
             self._sweeper.cancel()
-        return len(left)
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+
+
+def unread_bytes(transport: asyncio.BaseTransport) -> int:
+    """Bytes waiting in the socket's receive queue, not yet read (``FIONREAD``); 0 when the
+    transport has no socket."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    try:
+        got = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return 0
+    return int.from_bytes(got, sys.byteorder, signed=True)
+
+
+def reset(transport: asyncio.Transport) -> None:
+    """Close with a TCP reset (RST), not a FIN: the peer learns that what it sent was not all
+    answered. Whatever is still queued for it is discarded."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    transport.abort()
+
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 async def drain(hubs: Sequence[ConnectionHub], grace_s: float, force: asyncio.Event) -> int:
-    """Drain every hub at once; close what is left after ``grace_s`` or when ``force`` is set."""
+    """Drain every hub at once; close what is left after ``grace_s`` or when ``force`` is set.
+    Returns how many connections were closed at the deadline."""
     for hub in hubs:
         hub.begin_drain()
-    waiters: set[asyncio.Future[object]] = {
-        asyncio.ensure_future(force.wait()),
-        asyncio.ensure_future(asyncio.gather(*(hub.wait_empty() for hub in hubs))),
-    }
-    await asyncio.wait(waiters, timeout=grace_s, return_when=asyncio.FIRST_COMPLETED)
-    for waiter in waiters:
-        waiter.cancel()
-    return sum(hub.close_all() for hub in hubs)
+
+    async def all_gone() -> None:
+        for hub in hubs:
+            await hub.wait_empty()
+
+    waiters = [asyncio.ensure_future(all_gone()), asyncio.ensure_future(force.wait())]
+    try:
+        await asyncio.wait(waiters, timeout=grace_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+    closed = sum(hub.close_all() for hub in hubs)
+    if closed:
+        # Closed transports report connection_lost on the next loop iterations: let them, so
+        # spans end and gauges read 0 before the process exits.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(all_gone(), 1.0)
+    return closed
 
 
 @dataclass(frozen=True)
@@ -247,7 +380,7 @@ async def run(
             server.close()  # stop accepting; open connections are left to the hubs
         for endpoint in endpoints:
             endpoint.close()  # datagrams already received have been answered
-        closed = await drain(hubs, settings.timeout_drain_s, force)
+        closed = await drain(hubs, settings.drain_grace_s, force)
         if force.is_set():
             return 1
         if closed:
@@ -263,6 +396,8 @@ async def run(
         for server in servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1.0)
+        for hub in hubs:
+            await hub.aclose()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
         metrics.stop()

@@ -23,7 +23,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
-__all__ = ["ServiceSettings", "SettingsLoadError", "load_settings"]
+__all__ = ["ServiceSettings", "SettingsLoadError", "TcpServiceSettings", "load_settings"]
 
 #: Where Docker (and Kubernetes, by convention) mounts secrets.
 DEFAULT_SECRETS_DIR = "/run/secrets"
@@ -75,21 +75,6 @@ class ServiceSettings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Least severe level logged (JSON lines on stderr)."
     )
-    limit_connections: int = Field(
-        1024,
-        ge=1,
-        description="Open connections per listener; one more is accepted, closed and counted.",
-    )
-    timeout_idle_s: float = Field(
-        60.0,
-        gt=0,
-        description="A connection that sends nothing for this long (even mid-frame) is closed.",
-    )
-    timeout_drain_s: float = Field(
-        8.0,
-        ge=0,
-        description="On SIGTERM/SIGINT: time open connections get to finish before being closed.",
-    )
     event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
         "auto", description="Event loop: uvloop when installed (auto), or the standard one."
     )
@@ -97,6 +82,11 @@ class ServiceSettings(BaseSettings):
     @property
     def metrics_bind(self) -> str:
         return self.metrics_host if self.metrics_host is not None else self.host
+
+    @property
+    def drain_grace_s(self) -> float:
+        """How long open connections get to finish at shutdown (none for datagram services)."""
+        return 0.0
 
     @classmethod
     def settings_customise_sources(
@@ -129,6 +119,42 @@ class ServiceSettings(BaseSettings):
         except SettingsError as exc:
             cause = f": {exc.__cause__}" if exc.__cause__ is not None else ""
             raise SettingsLoadError(f"invalid settings: {exc}{cause}") from None
+
+
+class TcpServiceSettings(ServiceSettings):
+    """The settings of a TCP service: connection limits and timeouts (echo, cmdexec)."""
+
+    limit_connections: int = Field(
+        1024,
+        ge=1,
+        description="Open connections per listener; one more is accepted, closed and counted.",
+    )
+    limit_connections_per_source: int = Field(
+        64,
+        ge=1,
+        description="Open connections per listener from one source address (IPv6: one /64); "
+        "one more is accepted, closed and counted. Raise it behind a proxy or NAT.",
+    )
+    timeout_idle_s: float = Field(
+        60.0,
+        gt=0,
+        description="A connection that sends nothing for this long (even mid-frame) is closed.",
+    )
+    timeout_frame_s: float = Field(
+        120.0,
+        gt=0,
+        description="A frame must be complete this long after its first byte arrived, or the "
+        "connection is reset (1 MiB at 128 kbit/s takes 66 s).",
+    )
+    timeout_drain_s: float = Field(
+        8.0,
+        ge=0,
+        description="On SIGTERM/SIGINT: time open connections get to finish before being closed.",
+    )
+
+    @property
+    def drain_grace_s(self) -> float:
+        return self.timeout_drain_s
 
 
 S = TypeVar("S", bound=ServiceSettings)
