@@ -34,6 +34,7 @@ from wirekit_servicekit import (
     HotHistogram,
     connection_span,
     reset,
+    reset_when_delivered,
     unread_bytes,
 )
 from wirekit_servicekit.metrics import Cell
@@ -125,8 +126,8 @@ class EchoContext:
 class _EchoConnection(asyncio.Protocol):
     mode: ClassVar[str]
     # Slots: 10,000 idle connections should cost as little as possible.
-    __slots__ = ("_error", "_quiet_check", "_started", "activity", "ctx", "draining",
-                 "frame_started", "half_closed", "span", "transport")  # fmt: skip
+    __slots__ = ("_error", "_quiet_check", "_started", "activity", "ctx", "draining", "finished",
+                 "frame_started", "span", "transport")  # fmt: skip
 
     def __init__(self, ctx: EchoContext) -> None:
         self.ctx = ctx
@@ -137,7 +138,7 @@ class _EchoConnection(asyncio.Protocol):
         self._started = 0
         self.draining = False
         self._quiet_check: asyncio.TimerHandle | None = None  # drain: pending quiet check
-        self.half_closed = False  # drain: our side sent EOF, nothing more can be written
+        self.finished = False  # no more replies: our FIN is out, or the connection is ending
         self._error: str | None = None
 
     # -- asyncio callbacks ------------------------------------------------------------------
@@ -196,12 +197,17 @@ class _EchoConnection(asyncio.Protocol):
         self._finish_if_answered()
 
     def close_now(self, reason: str) -> None:
+        transport = self.transport
+        assert transport is not None
+        if self._error is not None:  # already ending: a reset waits for replies to be delivered
+            if reason == "shutdown" and not transport.is_closing():
+                reset(transport)
+            return
         if reason == "shutdown" and not self._unanswered():
-            assert self.transport is not None
-            self.transport.close()  # drain deadline, everything answered: a normal end (FIN)
+            transport.close()  # drain deadline, everything answered: a normal end (FIN)
             return
         self._fail(reason, f"closed: {reason}")
-        self._close()
+        self._close(now=reason == "shutdown")
 
     # -- helpers ----------------------------------------------------------------------------
     def _in_frame(self) -> int:
@@ -223,7 +229,7 @@ class _EchoConnection(asyncio.Protocol):
         the client reads every reply, then end of stream."""
         transport = self.transport
         assert transport is not None
-        if self.half_closed or transport.is_closing() or self._quiet_check is not None:
+        if self.finished or transport.is_closing() or self._quiet_check is not None:
             return
         if self._in_frame() or unread_bytes(transport):
             return  # more to read and answer first: called again after the next read
@@ -240,13 +246,15 @@ class _EchoConnection(asyncio.Protocol):
         if self.activity != activity or self._in_frame() or unread_bytes(transport):
             self._finish_if_answered()  # it spoke meanwhile: look again later
             return
-        self.half_closed = True
+        self.finished = True
         transport.write_eof()
 
-    def _after_half_close(self, n: int) -> None:
-        """Data that arrived after our FIN can never be answered: reset, counted."""
-        self._fail("unanswered", f"{n} bytes arrived after the server's end of stream")
-        self._close(lost=True)
+    def _late_input(self, n: int) -> None:
+        """Data that arrived after our FIN can never be answered: reset, counted (ignored when
+        the connection is already ending)."""
+        if self._error is None:
+            self._fail("unanswered", f"{n} bytes arrived after the server's end of stream")
+            self._close(lost=True)
 
     def _fail(self, kind: str, detail: str) -> None:
         """Count and log an error of this connection (its span ends with status ERROR)."""
@@ -256,16 +264,20 @@ class _EchoConnection(asyncio.Protocol):
             with trace.use_span(self._span(), end_on_exit=False):
                 log.info("connection error", extra={"kind": kind, "detail": detail})
 
-    def _close(self, *, lost: bool = False) -> None:
+    def _close(self, *, lost: bool = False, now: bool = False) -> None:
         """Close: with a FIN when everything received has been answered, else with a RST
-        (``lost``: the caller knows something received will never be answered)."""
+        (``lost``: the caller knows something received will never be answered), once the
+        replies already written have reached the client (``now``: at once)."""
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        if lost or self._unanswered():
+        if not (lost or self._unanswered()):
+            transport.close()  # FIN once the queued replies are out
+        elif now:
             reset(transport)
         else:
-            transport.close()  # FIN once the queued replies are out
+            self.finished = True
+            reset_when_delivered(transport)
 
 
 class RawEcho(_EchoConnection):
@@ -279,8 +291,8 @@ class RawEcho(_EchoConnection):
         self.activity += n
         ctx = self.ctx
         ctx.received.n += n
-        if self.half_closed:
-            self._after_half_close(n)
+        if self.finished:
+            self._late_input(n)
             return
         self.transport.write(data)  # type: ignore[union-attr]
         ctx.sent.n += n
@@ -305,8 +317,8 @@ class FramedEcho(_EchoConnection):
         self.activity += n
         ctx = self.ctx
         ctx.received.n += n
-        if self.half_closed:
-            self._after_half_close(n)
+        if self.finished:
+            self._late_input(n)
             return
         decoder = self.decoder
         try:

@@ -14,6 +14,7 @@ from .lifecycle import (
     Listener,
     install_event_loop_policy,
     reset,
+    reset_when_delivered,
     run,
     unread_bytes,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "load_settings",
     "new_registry",
     "reset",
+    "reset_when_delivered",
     "run",
     "serve_service",
     "service_main",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -48,12 +49,47 @@ class RunningService(Generic[S]):
             await asyncio.sleep(0.005)
 
 
+class _Problems(logging.Handler):
+    """Collects what a clean run never logs: ERROR and above, and any traceback."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.ERROR or record.exc_info:
+            self.records.append(record)
+
+
 @contextlib.asynccontextmanager
 async def running_service(
     serve: Serve, settings: ServiceSettings, cls: type[R]
 ) -> AsyncIterator[R]:
     """Start ``serve(settings, registry, provider, on_ready, stop)`` as ``cls`` (a
-    :class:`RunningService` subclass with the service's own helpers); stop it (exit 0) after."""
+    :class:`RunningService` subclass with the service's own helpers); stop it after, and check
+    that it ended cleanly: exit status 0, every ``*_active`` gauge back to 0, nothing logged at
+    ERROR or with a traceback while it ran."""
+    problems = _Problems()
+    logging.getLogger().addHandler(problems)
+    try:
+        async with _running(serve, settings, cls) as service:
+            yield service
+        active = {
+            f"{s.name}{s.labels}": s.value
+            for metric in service.registry.collect()
+            for s in metric.samples
+            if s.name.endswith("_active") and s.value
+        }
+        assert not active, f"left active after the service stopped: {active}"
+        assert not problems.records, "logged: " + "; ".join(
+            f"{r.name}: {r.getMessage()}" for r in problems.records
+        )
+    finally:
+        logging.getLogger().removeHandler(problems)
+
+
+@contextlib.asynccontextmanager
+async def _running(serve: Serve, settings: ServiceSettings, cls: type[R]) -> AsyncIterator[R]:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
