@@ -20,7 +20,7 @@ COMPOSE     ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker co
 STACK_NAME  ?= wirekit
 STACK       := $(COMPOSE) -p $(STACK_NAME) -f deploy/compose.yaml $(if $(OFFLINE),-f deploy/compose.offline.yaml)
 
-.PHONY: install run test lint fmt lock clean wheelhouse images base-image up down bench
+.PHONY: install run test lint fmt lock clean wheelhouse images base-image up down bench soak
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -49,6 +49,9 @@ bench: ## the benchmark matrix (~15 min, loopback): bench/results/latest.{md,jso
 	  apt-get install -y -qq --no-install-recommends xinetd openssh-server openssh-client >/dev/null
 	$(BIN)/pip install -q --disable-pip-version-check --require-hashes -r requirements/bench.txt
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+soak: ## 1,000 concurrent framed connections x 20 random frames, twice, byte-exact; RSS and fds (bench/soak.py)
+	$(BIN)/python bench/soak.py $(SOAK_ARGS)
 
 lock: ## re-pin requirements/*.txt with hashes (needs uv; records no index URLs)
 	cd requirements && uv pip compile requirements.in --generate-hashes --no-header --python-version 3.11 -o runtime.txt -q

@@ -59,6 +59,9 @@ class FakeTransport:
     def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
         self.sent.append((data, addr))
 
+    def get_extra_info(self, name: str) -> None:
+        return None
+
 
 def _echo(**overrides: object) -> tuple[UdpEcho, FakeTransport, UdpStats]:
     settings = UdpSettings(**overrides)  # type: ignore[arg-type]

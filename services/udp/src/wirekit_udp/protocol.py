@@ -19,6 +19,7 @@ from wirekit_servicekit import HotCounter
 from wirekit_servicekit.metrics import Cell
 
 from .defences import SourceLimiter, TokenBucket, is_broadcast_or_multicast
+from .kernel import SocketStats
 from .settings import UdpSettings
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class UdpStats:
             "tracked_sources", "Source addresses in the rate-limit table.",
             namespace=ns, registry=registry,
         ).set_function(lambda: len(limiter))  # fmt: skip
+        self.socket = SocketStats(registry)
 
 
 class DropReporter:
@@ -113,11 +115,15 @@ class UdpEcho(asyncio.DatagramProtocol):
         self.deny_ports = frozenset(settings.deny_ports)
         self.check_source = settings.deny_broadcast_multicast
         self.global_bucket = TokenBucket(settings.rate_global, settings.burst_global, 0.0)
+        self.buffers = (settings.receive_buffer_bytes, settings.send_buffer_bytes)
         self.transport: asyncio.DatagramTransport | None = None
         self._time = clock
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # a real socket (tests drive the protocol with a fake transport)
+            self.stats.socket.attach(sock, *self.buffers)
 
     def _send_empty(self, addr: tuple[str, int]) -> None:
         """asyncio's sendto() silently skips empty datagrams; RFC 862 echoes them too."""

@@ -52,6 +52,16 @@ class UdpSettings(ServiceSettings):
         20_000.0, gt=0, description="Datagrams per second answered in all (token bucket)."
     )
     burst_global: int = Field(20_000, ge=1, description="Global bucket size.")
+    receive_buffer_bytes: int = Field(
+        4 * 1024 * 1024, ge=4096,
+        description="Socket receive buffer asked of the kernel: what a burst may queue while the "
+        "service is busy. The kernel caps it at net.core.rmem_max (unless the process may "
+        "override that) and logs nothing: the service logs what was granted.",
+    )  # fmt: skip
+    send_buffer_bytes: int = Field(
+        1024 * 1024, ge=4096,
+        description="Socket send buffer asked of the kernel (capped at net.core.wmem_max).",
+    )  # fmt: skip
     report_interval_s: float = Field(
         1.0, gt=0,
         description="Drops are logged and traced at most once per reason per interval (counted).",
