@@ -64,14 +64,20 @@ async def test_output_is_streamed_as_produced(cmdexec: Any) -> None:
     assert await first_seen - started < result.duration_s
 
 
-async def test_output_cap_truncates_and_reports(start_cmdexec: Any) -> None:
-    async with start_cmdexec(limit_output_bytes=1_000_000) as h:
+@pytest.mark.parametrize("action", ["end", "drop"])
+async def test_output_cap_truncates_and_reports(start_cmdexec: Any, action: str) -> None:
+    async with start_cmdexec(limit_output_bytes=1_000_000, limit_output_action=action) as h:
         res = await h.run(["head", "-c", "100000000", "/dev/zero"])
-        assert res.exit.code == 0
         assert len(res.stdout) == 1_000_000
         assert res.exit.truncated == {"stdout": True, "stderr": False}
+        if action == "end":  # ended at the cap, not after 100 MB read and dropped
+            assert (res.exit.signal, res.exit.output_capped) == ("KILL", True)
+            assert h.value("cmdexec_runs_total", result="output_cap") == 1
+        else:
+            assert (res.exit.code, res.exit.output_capped) == (0, False)
         small = await h.run(["echo", "fits"])
         assert small.exit.truncated == {"stdout": False, "stderr": False}
+        assert not small.exit.output_capped
 
 
 async def test_timeout_kills_a_tree_whose_grandchild_holds_the_pipes(cmdexec: Any) -> None:

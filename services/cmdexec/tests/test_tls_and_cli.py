@@ -66,13 +66,15 @@ async def test_mutual_tls_requires_a_client_certificate(
 # -- the service and its client as real processes ---------------------------------------------
 @contextmanager
 def server_process(*args: str, env: dict[str, str] | None = None) -> Iterator[dict[str, Any]]:
-    """The service as a process; at the end SIGTERM, and it must exit 0."""
-    env = {"WIREKIT_CMDEXEC_TOKEN": TOKEN, **(env or {})}
+    """The service as a process; at the end SIGTERM, and it must exit 0. (The tests run as
+    root: the service is told that this is meant; the attack suite runs it as a user.)"""
+    env = {"WIREKIT_CMDEXEC_TOKEN": TOKEN, "WIREKIT_CMDEXEC_ALLOW_ROOT": "true", **(env or {})}
     with service_process("wirekit_cmdexec", "--port", "0", "--metrics-port", "0", *args,
                          env=env) as proc:  # fmt: skip
         yield {"popen": proc.popen, "port": proc.ports["cmdexec"]}
         proc.popen.terminate()
         assert proc.popen.wait(15) == 0
+        proc.assert_clean_log()
 
 
 def cli(port: int, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
@@ -173,3 +175,27 @@ def test_cli_span_and_server_span_share_one_trace() -> None:
     finally:
         receiver.server.shutdown()
         receiver.server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "needle"),
+    [
+        pytest.param(["--token", "s3cret"], {}, "--token is not accepted", id="token-flag"),
+        pytest.param(["--token=s3cret"], {}, "--token is not accepted", id="token-flag-equals"),
+        pytest.param([], {}, "refusing to run as root", id="root"),
+    ],
+)
+def test_token_flag_and_root_are_refused_with_one_line(
+    args: list[str], env: dict[str, str], needle: str
+) -> None:
+    if os.geteuid() != 0 and needle.startswith("refusing"):
+        pytest.skip("runs as root only")
+    res = subprocess.run(
+        [sys.executable, "-m", "wirekit_cmdexec", "--port", "0", *args],
+        capture_output=True, text=True, timeout=30, check=False,
+        env={**os.environ, "WIREKIT_CMDEXEC_TOKEN": TOKEN, **env},
+    )  # fmt: skip
+    assert res.returncode == 2
+    assert needle in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert "s3cret" not in res.stderr

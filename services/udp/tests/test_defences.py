@@ -6,7 +6,8 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
-from wirekit_udp.defences import SourceLimiter, TokenBucket, is_broadcast_or_multicast
+from wirekit_servicekit.ratelimit import SourceLimiter, TokenBucket
+from wirekit_udp.defences import is_broadcast_or_multicast
 from wirekit_udp.protocol import DropReporter, UdpEcho, UdpStats
 from wirekit_udp.settings import UdpSettings
 

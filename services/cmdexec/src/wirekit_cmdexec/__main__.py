@@ -3,36 +3,42 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import logging
+import os
 import secrets
 import ssl
+import sys
 from collections.abc import Callable, Sequence
 
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
 from wirekit_servicekit import (
+    Background,
     ConnectionHub,
     ConnectionLimits,
     Listener,
+    load_settings,
     serve_service,
     service_main,
 )
+from wirekit_servicekit.lifecycle import Part
+from wirekit_servicekit.ratelimit import SourceLimiter, TokenBucket
 
-from . import __version__, runner
+from . import __version__
+from .containment import SWEEP_S, containment, make_undumpable
 from .policy import Policy
-from .protocol import CmdexecMetrics, Service, handle
-from .runner import RunLimits
+from .protocol import AuthGuard, CmdexecMetrics, Service, handler
+from .runner import RunLimits, Spawner
 from .settings import CmdexecSettings
 
 NAME = "wirekit-cmdexec"
 log = logging.getLogger("wirekit_cmdexec")
 #: Largest buffered read of a connection's StreamReader.
 _READ_LIMIT = 64 * 1024
-#: How often zombies that escaped their command's process group are looked for.
-_STRAY_SWEEP_S = 5.0
+#: Sources whose failed logins are remembered (the least recently seen forgotten first).
+_AUTH_SOURCES = 10_000
 
 
 def server_tls(settings: CmdexecSettings) -> ssl.SSLContext | None:
@@ -62,16 +68,25 @@ def build_service(
     metrics = CmdexecMetrics(registry)
     rlimits = {"nproc": settings.rlimit_nproc, "cpu": settings.rlimit_cpu_s,
                "as": settings.rlimit_as_bytes}  # fmt: skip
+    spawner = Spawner({k: v for k, v in rlimits.items() if v is not None})
     policy = Policy(
         settings.allow, settings.arg_patterns, settings.child_path, settings.allow_shell
     )
-    log.info("allowlist", extra={"allow": policy.names, "allow_shell": settings.allow_shell})
+    box = containment()
+    log.info(
+        "commands",
+        extra={"allow": policy.names, "allow_shell": settings.allow_shell,
+               "rlimits": spawner.mode,
+               "containment": "session sweep as child subreaper" if box.subreaper
+               else "process group only (not a subreaper: escaped processes survive)"},
+    )  # fmt: skip
     return Service(
         token_digest=hashlib.sha256(token.encode()).digest(),
         policy=policy,
         limits=RunLimits(
             timeout_s=settings.timeout_run_s,
             output_bytes=settings.limit_output_bytes,
+            output_action=settings.limit_output_action,
             env={
                 "PATH": settings.child_path,
                 "LANG": "C.UTF-8",
@@ -79,16 +94,42 @@ def build_service(
                 **settings.child_env,
             },
             cwd=settings.workdir,
-            rlimits={k: v for k, v in rlimits.items() if v is not None},
+        ),
+        spawner=spawner,
+        guard=AuthGuard(
+            per_source=SourceLimiter(
+                settings.auth_failure_rate_per_source,
+                settings.auth_failure_burst_per_source,
+                _AUTH_SOURCES,
+            ),
+            overall=TokenBucket(settings.auth_failure_rate, settings.auth_failure_burst, 0.0),
+            delay_s=settings.auth_failure_delay_s,
         ),
         max_frame_size=settings.max_frame_size,
+        limit_auth_bytes=settings.limit_auth_bytes,
         limit_exec_bytes=settings.limit_exec_bytes,
         limit_runs=settings.limit_runs,
-        auth_failure_delay_s=settings.auth_failure_delay_s,
+        timeout_auth_s=settings.timeout_auth_s,
+        timeout_write_s=settings.timeout_write_s,
         metrics=metrics,
         tracer=provider.get_tracer("wirekit_cmdexec", __version__),
         hub=ConnectionHub(ConnectionLimits.from_settings(settings), metrics.connections),
     )
+
+
+def use_pidfd_child_watcher() -> None:
+    """Python 3.11 watches each child from a thread of its own; a pidfd (Linux 5.3+) needs no
+    thread: cheaper spawns, and no thread to create when a run has used up RLIMIT_NPROC (which
+    counts the server's threads). Python 3.12+ does this by itself."""
+    if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
+        return
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:
+        return  # kernel without pidfds
+    watcher = asyncio.PidfdChildWatcher()
+    watcher.attach_loop(asyncio.get_running_loop())
+    asyncio.set_child_watcher(watcher)
 
 
 async def serve(
@@ -98,39 +139,47 @@ async def serve(
     on_ready: Callable[[dict[str, int]], None] | None = None,
     stop: asyncio.Event | None = None,
 ) -> int:
-    background: list[asyncio.Future[None]] = []
+    use_pidfd_child_watcher()
 
-    def build(registry: CollectorRegistry, provider: TracerProvider) -> list[Listener]:
+    def build(registry: CollectorRegistry, provider: TracerProvider) -> list[Part]:
         svc = build_service(settings, registry, provider)
-        if runner.become_subreaper():
-            background.append(asyncio.ensure_future(_sweep_strays(svc)))
-        callback = functools.partial(handle, svc)
+        callback = handler(svc)
 
         def factory() -> asyncio.StreamReaderProtocol:
             return asyncio.StreamReaderProtocol(asyncio.StreamReader(_READ_LIMIT), callback)
 
-        tls = server_tls(settings)
-        return [Listener("cmdexec", settings.host, settings.port, factory, svc.hub, tls)]
+        async def sweep() -> None:
+            """Escaped processes are killed while runs go on, not only when they end."""
+            box = containment()
+            while box.subreaper:
+                await asyncio.sleep(SWEEP_S)
+                box.sweep()
+                svc.metrics.killed.n = box.killed
 
-    try:
-        return await serve_service(
-            settings, NAME, __version__, build,
-            registry=registry, provider=provider, on_ready=on_ready, stop=stop,
-        )  # fmt: skip
-    finally:
-        for task in background:
-            task.cancel()
+        listener = Listener("cmdexec", settings.host, settings.port, factory, svc.hub,
+                            server_tls(settings))  # fmt: skip
+        return [listener, Background("process sweep", sweep)]
 
-
-async def _sweep_strays(svc: Service) -> None:
-    """As a subreaper, reap descendants that escaped their command's process group."""
-    while True:
-        await asyncio.sleep(_STRAY_SWEEP_S)
-        runner.reap_strays(svc.pids)
+    return await serve_service(
+        settings, NAME, __version__, build,
+        registry=registry, provider=provider, on_ready=on_ready, stop=stop,
+    )  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    service_main(CmdexecSettings, NAME, __version__, serve, argv)
+    settings = load_settings(CmdexecSettings, argv)
+    if os.geteuid() == 0 and not settings.allow_root:
+        print(
+            "wirekit-cmdexec: refusing to run as root: commands would run as root and "
+            "RLIMIT_NPROC is not enforced for root. Run it as an unprivileged user (the image "
+            "does), or set WIREKIT_CMDEXEC_ALLOW_ROOT=true if you really mean it.",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    # Same-user commands must not read the token from our /proc files (environ, mem).
+    make_undumpable()
+    os.environ.pop("WIREKIT_CMDEXEC_TOKEN", None)
+    service_main(CmdexecSettings, NAME, __version__, serve, argv, settings=settings)
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ class CmdexecClient:
                 assert isinstance(body, Exit)
                 return body
             elif kind is Kind.ERROR:
-                raise RemoteError(str(body.get("code")), str(body.get("message")))
+                raise RemoteError(body.code, body.message)
             else:
                 raise BadMessage(f"unexpected {kind.name} from the server")
 

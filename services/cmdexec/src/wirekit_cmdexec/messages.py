@@ -1,7 +1,10 @@
 """cmdexec messages, carried one per frame: first byte = kind, the rest = body.
 
-Control messages have a JSON object body, validated by the pydantic models below; data messages
-(STDIN, STDOUT, STDERR) carry raw bytes. The full specification is in docs/protocol.md.
+Control messages have a JSON object body, validated by the strict pydantic models below (no
+coercion: ``"yes"`` is not a boolean, ``"0.5"`` not a number; unknown fields refused; the JSON
+parser refuses nesting deeper than ~200 levels); data messages (STDIN, STDOUT, STDERR) carry raw
+bytes. Each side decodes only the kinds the other side may send. The full specification is in
+docs/protocol.md.
 """
 
 from __future__ import annotations
@@ -13,15 +16,19 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 __all__ = [
+    "CLIENT_KINDS",
+    "SERVER_KINDS",
     "SIGNALS",
     "Auth",
     "BadMessage",
+    "Error",
     "ErrorCode",
     "Exec",
     "Exit",
     "Kind",
     "Signal",
     "decode",
+    "decode_client",
     "encode_data",
     "encode_json",
 ]
@@ -41,13 +48,17 @@ class Kind(enum.IntEnum):
     ERROR = 0x84
 
 
+CLIENT_KINDS = frozenset({Kind.AUTH, Kind.EXEC, Kind.STDIN, Kind.STDIN_EOF, Kind.SIGNAL})
+SERVER_KINDS = frozenset({Kind.STDOUT, Kind.STDERR, Kind.EXIT, Kind.ERROR})
+
+
 class ErrorCode(enum.StrEnum):
-    UNAUTHORIZED = "unauthorized"  # missing or wrong token; the connection closes
+    UNAUTHORIZED = "unauthorized"  # before AUTH succeeded: anything but a right token; closes
     FORBIDDEN = "forbidden"  # not on the allowlist, or an argument fails its pattern
-    BAD_REQUEST = "bad_request"  # unknown or malformed message; the connection closes
-    BUSY = "busy"  # the server's concurrency cap is reached; try again later
-    TOO_LARGE = "too_large"  # frame or EXEC over its limit; the connection closes
-    TIMEOUT = "timeout"  # reserved: a run's timeout is reported in EXIT
+    BAD_REQUEST = "bad_request"  # unknown or malformed message, or one out of place; closes
+    BUSY = "busy"  # limit_runs commands are running (or the server is shutting down)
+    TOO_LARGE = "too_large"  # frame or EXEC over its limit; closes
+    TIMEOUT = "timeout"  # no AUTH within timeout_auth_s; closes
     INTERNAL = "internal"  # the command could not be started
 
 
@@ -56,11 +67,11 @@ SIGNALS = ("HUP", "INT", "QUIT", "TERM", "KILL", "USR1", "USR2")
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class Auth(_Body):
-    token: str  # any length: only its SHA-256 digest is compared
+    token: str  # any length within the pre-auth frame limit: only its digest is compared
 
 
 class Exec(_Body):
@@ -81,7 +92,13 @@ class Exit(_Body):
     signal: str | None = None  # signal name (e.g. "KILL"), when a signal ended it
     duration_s: float
     timed_out: bool = False
+    output_capped: bool = False  # ended by the server: a stream passed limit_output_bytes
     truncated: dict[str, bool] = Field(default_factory=lambda: {"stdout": False, "stderr": False})
+
+
+class Error(_Body):
+    code: str
+    message: str
 
 
 _MODELS: dict[Kind, type[_Body]] = {
@@ -89,13 +106,15 @@ _MODELS: dict[Kind, type[_Body]] = {
     Kind.EXEC: Exec,
     Kind.SIGNAL: Signal,
     Kind.EXIT: Exit,
+    Kind.ERROR: Error,
 }
 _DATA = frozenset({Kind.STDIN, Kind.STDOUT, Kind.STDERR})
 _EMPTY = frozenset({Kind.STDIN_EOF})
 
 
 class BadMessage(Exception):
-    """A frame that is not a valid message (unknown kind, bad JSON, wrong fields)."""
+    """A frame that is not a valid message from the sending side (unknown kind, a kind the
+    sender may not send, bad JSON, wrong fields or types)."""
 
 
 def encode_json(kind: Kind, body: BaseModel | dict[str, Any]) -> bytes:
@@ -110,15 +129,18 @@ def encode_data(kind: Kind, data: bytes) -> bytes:
     return bytes((kind,)) + data
 
 
-def decode(payload: bytes) -> tuple[Kind, Any]:
-    """(kind, body): a model for control messages, bytes for data, None for STDIN_EOF;
-    a dict ``{"code", "message"}`` for ERROR."""
+def decode(payload: bytes, allowed: frozenset[Kind] = SERVER_KINDS) -> tuple[Kind, Any]:
+    """(kind, body) of a message from the side that may send ``allowed`` kinds: a model for
+    control messages, bytes for data, None for STDIN_EOF. Raises :class:`BadMessage` and
+    nothing else, whatever the payload."""
     if not payload:
         raise BadMessage("empty message")
     try:
         kind = Kind(payload[0])
     except ValueError:
         raise BadMessage(f"unknown message kind 0x{payload[0]:02x}") from None
+    if kind not in allowed:
+        raise BadMessage(f"{kind.name} is not a message this side may send")
     body = payload[1:]
     if kind in _DATA:
         return kind, body
@@ -126,17 +148,16 @@ def decode(payload: bytes) -> tuple[Kind, Any]:
         if body:
             raise BadMessage(f"{kind.name} carries no body")
         return kind, None
-    if kind is Kind.ERROR:
-        try:
-            err = json.loads(body)
-        except ValueError:
-            raise BadMessage("ERROR body is not JSON") from None
-        if not isinstance(err, dict):
-            raise BadMessage("ERROR body is not an object")
-        return kind, err
     try:
         return kind, _MODELS[kind].model_validate_json(body)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"
         raise BadMessage(f"{kind.name}: {where}: {first['msg']}") from None
+    except Exception as exc:  # never anything else, whatever the bytes: a typed refusal
+        raise BadMessage(f"{kind.name}: unreadable body ({type(exc).__name__})") from None
+
+
+def decode_client(payload: bytes) -> tuple[Kind, Any]:
+    """A message from a client: server kinds (STDOUT, ERROR, ...) are refused."""
+    return decode(payload, CLIENT_KINDS)

@@ -10,6 +10,7 @@ import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from .errors import Forbidden
 from .messages import Exec
 
 log = logging.getLogger(__name__)
@@ -18,10 +19,6 @@ log = logging.getLogger(__name__)
 #: metacharacters, no whitespace, no relative paths (``../``).
 _SAFE_ARGV0 = re.compile(r"[A-Za-z0-9_.+-]+|/[A-Za-z0-9_.+/-]+")
 SHELL = "/bin/sh"
-
-
-class Forbidden(Exception):
-    """The request is well-formed but not allowed; the message says why (for the client)."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +66,10 @@ class Policy:
         argv0, args = req.argv[0], tuple(req.argv[1:])
         if not _SAFE_ARGV0.fullmatch(argv0) or ".." in argv0.split("/"):
             raise Forbidden("executable name is not a plain name or absolute path")
-        path = self._by_path.get(argv0) if argv0.startswith("/") else self._by_name.get(argv0)
+        if argv0.startswith("/"):
+            path: str | None = argv0 if argv0 in self._by_path else None
+        else:
+            path = self._by_name.get(argv0)
         if path is None:
             raise Forbidden(f"{argv0!r} is not on the allowlist")
         name = self._by_path[path]

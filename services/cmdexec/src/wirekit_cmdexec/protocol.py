@@ -1,8 +1,12 @@
 """One cmdexec connection: AUTH first, then EXEC after EXEC, each streamed to its EXIT.
 
-A reader task turns frames into messages on a bounded queue (so a client that floods STDIN is
-slowed by TCP, not buffered); the connection loop takes EXECs from it, checks them against the
-policy and the concurrency cap, and hands the queue to the runner while the command runs.
+Before AUTH nothing but one small frame is read, within ``timeout_auth_s``; anything else is
+``unauthorized`` (after ``auth_failure_delay_s``, counted, rate limited per source address and
+in all). After it, a reader task turns frames into messages on a bounded inbox (a client that
+floods STDIN is slowed by TCP, not buffered); the conversation takes EXECs from it and hands
+the inbox to the runner while a command runs. Every task has an owner that awaits it; every
+write that waits for the client has a deadline (``timeout_write_s``); every error a client can
+cause is a :class:`~.errors.CmdexecError`, answered with ERROR in one place.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from opentelemetry import trace
@@ -21,28 +27,47 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from wirekit_framing import (
     HEADER,
+    HEADER_SIZE,
     MAX_WIRE_FRAME_SIZE,
+    FrameDecoder,
     FrameTooLarge,
-    FramingError,
+    IncompleteFrame,
     encode,
-    read_frame,
 )
-from wirekit_servicekit import ConnectionHub, ConnectionMetrics
+from wirekit_servicekit import ConnectionHub, ConnectionMetrics, HotCounter, reset
+from wirekit_servicekit.lifecycle import source_key
+from wirekit_servicekit.ratelimit import SourceLimiter, TokenBucket
 
 from . import runner
-from .messages import BadMessage, ErrorCode, Exec, Exit, Kind, decode, encode_json
-from .policy import Decision, Forbidden, Policy
-from .runner import RunLimits
+from .containment import containment
+from .errors import (
+    AuthTimeout,
+    BadRequest,
+    Busy,
+    ClientGone,
+    CmdexecError,
+    Forbidden,
+    Internal,
+    ShuttingDown,
+    TooLarge,
+    Unauthorized,
+)
+from .messages import BadMessage, Exec, Exit, Kind, decode_client, encode_json
+from .policy import Decision, Policy
+from .runner import END, End, Inbox, RunLimits, Spawner
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("wirekit_cmdexec.audit")
 
-RESULTS = ("ok", "nonzero", "signal", "timeout", "denied", "error")
+RESULTS = ("ok", "nonzero", "signal", "timeout", "output_cap", "aborted", "denied", "error")
+AUTH_FAILURES = ("token", "protocol", "timeout", "rate_limited")
 DURATION_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
 #: Client messages queued while a command consumes them (STDIN back-pressure beyond this).
 INBOX_SIZE = 16
+#: Read size of a connection's reader task.
+READ_SIZE = 64 * 1024
 _propagator = TraceContextTextMapPropagator()
 _KIND_BYTE = {kind: bytes((kind,)) for kind in Kind}
 
@@ -63,19 +88,44 @@ class CmdexecMetrics:
             namespace=ns, registry=registry,
         )  # fmt: skip
         self.auth_failures = Counter(
-            "auth_failures", "Connections refused for a missing or wrong token.",
+            "auth_failures", "Connections refused before AUTH succeeded, by reason.", ["reason"],
             namespace=ns, registry=registry,
         )  # fmt: skip
         self.active = Gauge("runs_active", "Commands running now.", namespace=ns, registry=registry)
         self.errors = Counter(
-            "protocol_errors", "Connections closed for a protocol error, by code.", ["code"],
+            "protocol_errors", "ERROR messages sent, by code.", ["code"],
             namespace=ns, registry=registry,
         )  # fmt: skip
+        self.killed = HotCounter(
+            "processes_killed", "Processes killed because they outlived their run or left it "
+            "(background children, setsid daemons).", namespace=ns, registry=registry,
+        ).labels()  # fmt: skip
         # Every series exists from the start, at 0: rate() and alerts see the first event.
         for result in RESULTS:
             self.runs.labels(result)
-        for code in ("unauthorized", "bad_request", "too_large"):
+        for reason in AUTH_FAILURES:
+            self.auth_failures.labels(reason)
+        for code in ("unauthorized", "bad_request", "too_large", "forbidden", "busy"):
             self.errors.labels(code)
+
+
+@dataclass
+class AuthGuard:
+    """Failed logins, limited per source address and in all: once a source (or everyone) has
+    used its budget, further attempts are refused without looking at the token."""
+
+    per_source: SourceLimiter
+    overall: TokenBucket
+    delay_s: float
+
+    def allows(self, source: str) -> bool:
+        now = time.monotonic()
+        return self.overall.ready(now) and self.per_source.ready(source, now)
+
+    def failed(self, source: str) -> None:
+        now = time.monotonic()
+        self.overall.take(now)
+        self.per_source.allow(source, now)
 
 
 @dataclass
@@ -85,15 +135,19 @@ class Service:
     token_digest: bytes
     policy: Policy
     limits: RunLimits
+    spawner: Spawner
+    guard: AuthGuard
     max_frame_size: int
+    limit_auth_bytes: int
     limit_exec_bytes: int
     limit_runs: int
-    auth_failure_delay_s: float
+    timeout_auth_s: float
+    timeout_write_s: float
     metrics: CmdexecMetrics
     tracer: trace.Tracer
     hub: ConnectionHub
     running: int = 0
-    pids: set[int] = field(default_factory=set)  # main process of each command being run
+    output: dict[Kind, Counter] = field(init=False)
 
     def __post_init__(self) -> None:
         # Children bound once: no label lookup per output chunk.
@@ -104,14 +158,8 @@ class Service:
 
     def token_ok(self, offered: str) -> bool:
         # Digests of equal length: the comparison time says nothing about the token.
-        digest = hashlib.sha256(offered.encode()).digest()
+        digest = hashlib.sha256(offered.encode(errors="surrogatepass")).digest()
         return hmac.compare_digest(digest, self.token_digest)
-
-
-class ProtocolError(Exception):
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class Connection:
@@ -125,94 +173,178 @@ class Connection:
         self.frame_started = 0.0
         self.running = False
         self.draining = False
-        self.inbox: runner.Inbox = asyncio.Queue(INBOX_SIZE)
+        self.inbox = Inbox(INBOX_SIZE)
         peer = writer.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.source = source_key(peer)
 
     # -- hub callbacks ----------------------------------------------------------------------
     def begin_drain(self) -> None:
         self.draining = True
         if not self.running:
-            self.writer.close()
+            self.writer.close()  # idle: nothing in flight; a command in progress may finish
 
     def close_now(self, reason: str) -> None:
         if reason == "idle_timeout" and self.running:
-            return  # a running command has its own timeout
-        self.writer.transport.abort()
+            return  # a running command has its own timeout, and every write a deadline
+        if reason == "idle_timeout":
+            self.writer.close()
+        else:  # frame_timeout, shutdown: what the client sent is not all answered
+            reset(self.writer.transport)  # type: ignore[arg-type]
 
     # -- wire -------------------------------------------------------------------------------
+    async def _flush(self) -> None:
+        """Wait for the client to take what was written, within ``timeout_write_s``."""
+        try:
+            await asyncio.wait_for(self.writer.drain(), self.svc.timeout_write_s)
+        except (TimeoutError, ConnectionError, OSError) as exc:
+            raise ClientGone(type(exc).__name__) from None
+
     async def send(self, kind: Kind, data: bytes) -> None:
         """STDOUT/STDERR: header+kind and the data in one writelines (no copy of the data)."""
         self.writer.writelines((HEADER.pack(len(data) + 1) + _KIND_BYTE[kind], data))
         self.svc.output[kind].inc(len(data))
-        await self.writer.drain()
+        await self._flush()
 
     async def send_json(self, kind: Kind, body: Exit | dict[str, str]) -> None:
         self.writer.write(encode(encode_json(kind, body), MAX_WIRE_FRAME_SIZE))
-        await self.writer.drain()
+        await self._flush()
 
-    async def error(self, code: ErrorCode, message: str) -> None:
-        with contextlib.suppress(ConnectionError, OSError):
-            await self.send_json(Kind.ERROR, {"code": code.value, "message": message})
-
-    async def _read_loop(self) -> None:
-        """Frames -> messages on the inbox; None at end of stream. Errors become ProtocolError."""
-        try:
-            while (frame := await read_frame(self.reader, self.svc.max_frame_size)) is not None:
-                self.activity += 1
-                if frame[:1] == _KIND_BYTE[Kind.EXEC] and len(frame) > self.svc.limit_exec_bytes:
-                    raise ProtocolError(ErrorCode.TOO_LARGE, "EXEC over limit_exec_bytes")
-                await self.inbox.put(decode(frame))
-        except FrameTooLarge as exc:
-            await self.inbox.put((Kind.ERROR, ProtocolError(ErrorCode.TOO_LARGE, str(exc))))
-        except BadMessage as exc:
-            await self.inbox.put((Kind.ERROR, ProtocolError(ErrorCode.BAD_REQUEST, str(exc))))
-        except ProtocolError as exc:
-            await self.inbox.put((Kind.ERROR, exc))
-        except (FramingError, ConnectionError, OSError):
-            pass
-        await self.inbox.put(None)
-
-    async def _next(self) -> tuple[Kind, object] | None:
-        item = await self.inbox.get()
-        if item is not None and item[0] is Kind.ERROR:
-            raise item[1]  # type: ignore[misc]
-        return item
+    async def refuse(self, exc: CmdexecError) -> None:
+        """The one place where errors become ERROR messages."""
+        self.svc.metrics.errors.labels(exc.code.value).inc()
+        with contextlib.suppress(ClientGone):
+            await self.send_json(Kind.ERROR, {"code": exc.code.value, "message": str(exc)})
 
     # -- the conversation -------------------------------------------------------------------
     async def serve(self) -> None:
-        reader_task = asyncio.ensure_future(self._read_loop())
+        """Authenticate, then converse; close (FIN), or reset when the client stopped reading."""
+        transport = self.writer.transport
         try:
-            await self._conversation()
-        except ProtocolError as exc:
-            self.svc.metrics.errors.labels(exc.code.value).inc()
-            await self.error(exc.code, str(exc))
+            try:
+                if not await self._authenticate():
+                    return
+            except CmdexecError as exc:
+                await self.refuse(exc)
+                return
+            reading = asyncio.ensure_future(self._read())
+            try:
+                await self._converse()
+            finally:
+                reading.cancel()
+                await asyncio.gather(reading, return_exceptions=True)
+        except ClientGone:
+            reset(transport)  # type: ignore[arg-type]
         finally:
-            reader_task.cancel()
-            self.writer.close()
-            with contextlib.suppress(Exception):
-                await self.writer.wait_closed()
+            if not transport.is_closing():
+                self.writer.close()
 
-    async def _conversation(self) -> None:
-        first = await self._next()
-        if first is None:
-            return
-        kind, body = first
-        if kind is not Kind.AUTH or not self.svc.token_ok(getattr(body, "token", "")):
-            self.svc.metrics.auth_failures.inc()
-            audit.warning("auth failed", extra={"peer": self.peer, "event": "auth_failed"})
-            await asyncio.sleep(self.svc.auth_failure_delay_s)
-            raise ProtocolError(ErrorCode.UNAUTHORIZED, "missing or wrong token")
+    async def _authenticate(self) -> bool:
+        """Read one AUTH frame and check its token. False when the client left before AUTH."""
+        svc = self.svc
+        if not svc.guard.allows(self.source):
+            await self._auth_failed("rate_limited")
+            raise Unauthorized("too many failed logins from this address; retry later")
+        try:
+            frame = await asyncio.wait_for(self._read_auth_frame(), svc.timeout_auth_s)
+        except TimeoutError:
+            svc.metrics.auth_failures.labels("timeout").inc()
+            raise AuthTimeout(f"no AUTH within {svc.timeout_auth_s:g} s") from None
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            return False  # connected and left (a port probe, a reset): nothing was tried
+        except FrameTooLarge as exc:
+            await self._auth_failed("protocol")
+            raise Unauthorized(f"AUTH frame over limit_auth_bytes ({exc.size} bytes)") from None
+        self.activity += 1
+        try:
+            kind, body = decode_client(frame)
+        except BadMessage as exc:
+            await self._auth_failed("protocol")
+            raise Unauthorized(f"AUTH expected: {exc}") from None
+        if kind is not Kind.AUTH:
+            await self._auth_failed("protocol")
+            raise Unauthorized(f"AUTH expected, got {kind.name}")
+        if not svc.token_ok(body.token):
+            await self._auth_failed("token")
+            raise Unauthorized("wrong token")
+        return True
+
+    async def _read_auth_frame(self) -> bytes:
+        (size,) = HEADER.unpack(await self.reader.readexactly(HEADER_SIZE))
+        if size > self.svc.limit_auth_bytes:
+            raise FrameTooLarge(size, self.svc.limit_auth_bytes)
+        return await self.reader.readexactly(size)
+
+    async def _auth_failed(self, reason: str) -> None:
+        svc = self.svc
+        svc.metrics.auth_failures.labels(reason).inc()
+        if reason != "rate_limited":
+            svc.guard.failed(self.source)
+        audit.warning(
+            "auth failed", extra={"event": "auth_failed", "peer": self.peer, "reason": reason}
+        )
+        await asyncio.sleep(svc.guard.delay_s)
+
+    async def _read(self) -> None:
+        """Frames -> messages on the inbox, until the end of the stream or a protocol error
+        (which ends the inbox with that error, after the messages before it)."""
+        svc = self.svc
+        decoder = FrameDecoder(svc.max_frame_size)
+        end = END
+        try:
+            while data := await self.reader.read(READ_SIZE):
+                self.activity += len(data)
+                failure: CmdexecError | None = None
+                try:
+                    frames = decoder.feed(data)
+                except FrameTooLarge as exc:
+                    frames, failure = exc.frames, TooLarge(str(exc))
+                for frame in frames:
+                    await self.inbox.put(self._message(frame))
+                if failure is not None:
+                    raise failure
+                if decoder.buffered:
+                    if not self.frame_started or frames:
+                        self.frame_started = time.perf_counter()
+                else:
+                    self.frame_started = 0.0
+            decoder.close()
+        except CmdexecError as exc:
+            end = End(exc)
+        except (IncompleteFrame, ConnectionError, OSError):
+            pass  # the client left (inside a frame, or abruptly): nothing more to answer
+        finally:
+            self.inbox.end(end)
+
+    def _message(self, frame: bytes) -> tuple[Kind, object]:
+        if frame[:1] == _KIND_BYTE[Kind.EXEC] and len(frame) > self.svc.limit_exec_bytes:
+            raise TooLarge(f"EXEC of {len(frame)} bytes over limit_exec_bytes")
+        try:
+            return decode_client(frame)
+        except BadMessage as exc:
+            raise BadRequest(str(exc)) from None
+
+    async def _converse(self) -> None:
         while not self.draining:
-            item = await self._next()
-            if item is None:
+            item = await self.inbox.get()
+            if isinstance(item, End):
+                if isinstance(item.error, CmdexecError):
+                    await self.refuse(item.error)
                 return
             kind, body = item
-            if kind in (Kind.STDIN, Kind.STDIN_EOF, Kind.SIGNAL):
-                continue  # the tail of a run that has ended: harmless, dropped
-            if kind is not Kind.EXEC or not isinstance(body, Exec):
-                raise ProtocolError(ErrorCode.BAD_REQUEST, f"expected EXEC, got {kind.name}")
-            await self._exec(body)
+            try:
+                if kind in (Kind.STDIN, Kind.STDIN_EOF, Kind.SIGNAL):
+                    continue  # the tail of a run that has ended: harmless, dropped
+                if kind is not Kind.EXEC:
+                    raise BadRequest(f"{kind.name} after AUTH")
+                if self.draining:
+                    raise ShuttingDown("the server is shutting down; retry elsewhere")
+                assert isinstance(body, Exec)
+                await self._exec(body)
+            except CmdexecError as exc:
+                await self.refuse(exc)
+                if exc.closes:
+                    return
 
     async def _exec(self, req: Exec) -> None:
         svc = self.svc
@@ -225,12 +357,10 @@ class Connection:
                 extra={"peer": self.peer, "event": "denied", "reason": str(exc),
                        "arg_count": len(req.argv) - 1},
             )  # fmt: skip
-            await self.error(ErrorCode.FORBIDDEN, str(exc))
-            return
+            raise
         if svc.running >= svc.limit_runs:
             svc.metrics.runs.labels("denied").inc()
-            await self.error(ErrorCode.BUSY, f"{svc.limit_runs} commands are running; retry later")
-            return
+            raise Busy(f"{svc.limit_runs} commands are running; retry later")
         svc.running += 1
         self.running = True
         svc.metrics.active.inc()
@@ -258,15 +388,16 @@ class Connection:
         ) as span:
             try:
                 out = await runner.run(
-                    decision.path, decision.args, svc.limits, timeout_s=timeout,
-                    want_stdin=req.stdin, send=self.send, inbox=self.inbox, active=svc.pids,
+                    decision.path, decision.args, svc.limits, svc.spawner, timeout_s=timeout,
+                    want_stdin=req.stdin, send=self.send, inbox=self.inbox,
                 )  # fmt: skip
             except OSError as exc:
                 svc.metrics.runs.labels("error").inc()
                 span.set_status(Status(StatusCode.ERROR, "spawn failed"))
                 log.error("spawn failed", extra={"executable": decision.name, "error": str(exc)})
-                await self.error(ErrorCode.INTERNAL, f"could not start {decision.name}")
-                return
+                raise Internal(f"could not start {decision.name}") from None
+            finally:
+                svc.metrics.killed.n = containment().killed
             result = out.result
             svc.metrics.runs.labels(result).inc()
             svc.metrics.duration.observe(out.duration_s)
@@ -275,37 +406,50 @@ class Connection:
             if out.signal is not None:
                 span.set_attribute("wirekit.cmdexec.signal", out.signal)
             span.set_attribute("wirekit.cmdexec.result", result)
-            if result in ("signal", "timeout"):
-                span.set_status(Status(StatusCode.ERROR, result))
+            if result in ("signal", "timeout", "aborted"):
+                span.set_status(Status(StatusCode.ERROR, out.aborted or result))
             audit.info(
                 "run",
                 extra={
                     "event": "run", "peer": self.peer, "argv0": decision.name,
                     "arg_count": len(decision.args), "result": result, "exit_code": out.code,
                     "signal": out.signal, "timed_out": out.timed_out,
+                    "output_capped": out.output_capped,
                     "duration_s": round(out.duration_s, 6), "stdout_bytes": out.sent["stdout"],
                     "stderr_bytes": out.sent["stderr"], "truncated": out.truncated,
                     "aborted": out.aborted,
                 },
             )  # fmt: skip
-            if out.aborted == "bad_request":
-                raise ProtocolError(ErrorCode.BAD_REQUEST, "unexpected message during a run")
-            if out.aborted is None:
-                with contextlib.suppress(ConnectionError, OSError):
-                    await self.send_json(
-                        Kind.EXIT,
-                        Exit(code=out.code, signal=out.signal, duration_s=round(out.duration_s, 6),
-                             timed_out=out.timed_out, truncated=out.truncated),
-                    )  # fmt: skip
+        if out.aborted == "bad_request":
+            raise BadRequest("only STDIN, STDIN_EOF and SIGNAL may be sent while a command runs")
+        if out.aborted == "stalled":
+            raise ClientGone("stopped reading")
+        if out.aborted is None:
+            await self.send_json(
+                Kind.EXIT,
+                Exit(code=out.code, signal=out.signal, duration_s=round(out.duration_s, 6),
+                     timed_out=out.timed_out, output_capped=out.output_capped,
+                     truncated=out.truncated),
+            )  # fmt: skip
+        # "disconnect" / "error": the inbox's end tells the conversation what happened
 
 
-async def handle(svc: Service, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """The stream callback for one accepted connection."""
-    conn = Connection(svc, reader, writer)
-    if not svc.hub.admit(conn, writer.get_extra_info("peername")):
-        writer.close()
-        return
-    try:
-        await conn.serve()
-    finally:
-        svc.hub.release(conn)
+def handler(
+    svc: Service,
+) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    """The stream callback for accepted connections. It never raises: a bug is logged."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = Connection(svc, reader, writer)
+        if not svc.hub.admit(conn, writer.get_extra_info("peername")):
+            writer.close()
+            return
+        try:
+            await conn.serve()
+        except Exception:
+            log.exception("connection failed", extra={"peer": conn.peer})
+            writer.transport.abort()
+        finally:
+            svc.hub.release(conn)
+
+    return handle

@@ -1,42 +1,124 @@
-"""How a command runs: its own process group, a minimal environment, a timeout that kills the
-whole group, output capped per stream and streamed as produced with back-pressure, stdin and
-signals forwarded, and no process left behind when it ends.
+"""How a command runs: its own session and process group, a minimal environment, resource limits
+in force before its first instruction, a timeout that kills the whole group, output capped per
+stream and streamed as produced with back-pressure, stdin and signals forwarded, and no process
+left behind when it ends (``containment``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
+import logging
 import os
 import resource
+import shutil
 import signal
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
+from .containment import containment
+from .errors import ClientGone
 from .messages import Kind
+
+log = logging.getLogger(__name__)
 
 #: Pipe read size, and so the largest STDOUT/STDERR message.
 CHUNK = 64 * 1024
 #: After the command exits, how long its pipes may stay open (held by a background grandchild)
 #: before the rest of its process group is killed.
 PIPE_GRACE_S = 0.2
+#: End-of-run sweeps for what the command left behind (each after a short pause).
+_END_SWEEPS = 5
 
 Send = Callable[[Kind, bytes], Awaitable[None]]
-#: Client messages during a run: (kind, body), or None when the client has gone.
-Inbox = asyncio.Queue[tuple[Kind, object] | None]
 
-_RLIMITS = {"nproc": resource.RLIMIT_NPROC, "cpu": resource.RLIMIT_CPU, "as": resource.RLIMIT_AS}
+
+class Inbox:
+    """The client's messages during a conversation, in order, with back-pressure (``put`` waits
+    while ``size`` are queued: the reader stops reading, TCP slows the client). Once the stream
+    has ended, every ``get`` after the last message returns the end (``END``, or the error that
+    ended it): whoever reads next -- the run's control, then the conversation -- sees it."""
+
+    def __init__(self, size: int) -> None:
+        self._items: list[tuple[Kind, Any]] = []
+        self._size = size
+        self._end: End | None = None
+        self._readable = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._writable.set()
+
+    async def put(self, item: tuple[Kind, Any]) -> None:
+        while len(self._items) >= self._size:
+            self._writable.clear()
+            await self._writable.wait()
+        self._items.append(item)
+        self._readable.set()
+
+    def end(self, end: End) -> None:
+        if self._end is None:
+            self._end = end
+        self._readable.set()
+
+    async def get(self) -> tuple[Kind, Any] | End:
+        while not self._items:
+            if self._end is not None:
+                return self._end
+            self._readable.clear()
+            await self._readable.wait()
+        self._writable.set()
+        return self._items.pop(0)
+
+
+@dataclass(frozen=True)
+class End:
+    """The client's stream ended: cleanly (``error`` None) or by a protocol error."""
+
+    error: Exception | None = None
+
+
+END = End()
 
 
 @dataclass(frozen=True)
 class RunLimits:
     timeout_s: float
     output_bytes: int  # per stream
+    output_action: Literal["end", "drop"]  # when a stream passes output_bytes
     env: Mapping[str, str]
     cwd: str
-    rlimits: Mapping[str, int] = field(default_factory=dict)  # "nproc" | "cpu" | "as" -> value
+
+
+_RLIMITS = {"nproc": resource.RLIMIT_NPROC, "cpu": resource.RLIMIT_CPU, "as": resource.RLIMIT_AS}
+
+
+class Spawner:
+    """Resource limits in force before a command's first instruction: the command is started
+    through util-linux's ``prlimit`` (which sets them, then execs it). Without ``prlimit`` on
+    the machine they are set with ``prlimit(2)`` right after the spawn (logged at start)."""
+
+    def __init__(self, rlimits: Mapping[str, int], search: str = "/usr/bin:/bin") -> None:
+        self.rlimits = dict(rlimits)
+        wrapper = shutil.which("prlimit", path=search) if self.rlimits else None
+        self.prefix: list[str] = []
+        if wrapper:
+            self.prefix = [wrapper, *(f"--{k}={v}:{v}" for k, v in self.rlimits.items()), "--"]
+
+    @property
+    def mode(self) -> str:
+        if not self.rlimits:
+            return "none"
+        return "prlimit exec wrapper" if self.prefix else "prlimit(2) after spawn"
+
+    def argv(self, path: str, args: tuple[str, ...]) -> list[str]:
+        return [*self.prefix, path, *args]
+
+    def after_spawn(self, pid: int) -> None:
+        if self.prefix:
+            return
+        for name, value in self.rlimits.items():
+            with contextlib.suppress(ProcessLookupError, OSError):
+                resource.prlimit(pid, _RLIMITS[name], (value, value))
 
 
 @dataclass
@@ -44,16 +126,21 @@ class Outcome:
     code: int | None = None
     signal: str | None = None
     timed_out: bool = False
-    aborted: str | None = None  # "disconnect" | "bad_request": the client ended it
+    output_capped: bool = False
+    aborted: str | None = None  # "disconnect" | "error" | "bad_request" | "stalled": no EXIT
     duration_s: float = 0.0
     sent: dict[str, int] = field(default_factory=lambda: {"stdout": 0, "stderr": 0})
     truncated: dict[str, bool] = field(default_factory=lambda: {"stdout": False, "stderr": False})
 
     @property
     def result(self) -> str:
-        """ok / nonzero / signal / timeout: the metrics label."""
+        """The ``result`` label of cmdexec_runs_total."""
+        if self.aborted is not None:
+            return "aborted"
         if self.timed_out:
             return "timeout"
+        if self.output_capped:
+            return "output_cap"
         if self.signal is not None:
             return "signal"
         return "ok" if self.code == 0 else "nonzero"
@@ -68,16 +155,18 @@ async def run(
     path: str,
     args: tuple[str, ...],
     limits: RunLimits,
+    spawner: Spawner,
     *,
     timeout_s: float,
     want_stdin: bool,
     send: Send,
     inbox: Inbox,
-    active: set[int],
 ) -> Outcome:
-    """Run one command to its end; ``active`` holds the pids of commands being run."""
+    """Run one command to its end. Every task it starts is awaited before it returns; the
+    command, its process group and whatever it left behind are dead by then."""
     loop = asyncio.get_running_loop()
     started = loop.time()
+    box = containment()
     # Process.wait() only returns once the pipes are closed too, and a background grandchild
     # can hold them open forever: the protocol tells us when the command itself has exited.
     exited: asyncio.Future[None] = loop.create_future()
@@ -88,76 +177,110 @@ async def run(
             if not exited.done():
                 exited.set_result(None)
 
-    transport, protocol = await loop.subprocess_exec(
-        lambda: _Protocol(limit=CHUNK, loop=loop),
-        path,
-        *args,
-        stdin=asyncio.subprocess.PIPE if want_stdin else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=dict(limits.env),
-        cwd=limits.cwd,
-        start_new_session=True,  # its own session and process group: pgid == pid
-        close_fds=True,
-    )
+    with box.spawning():
+        transport, protocol = await loop.subprocess_exec(
+            lambda: _Protocol(limit=CHUNK, loop=loop),
+            *spawner.argv(path, args),
+            stdin=asyncio.subprocess.PIPE if want_stdin else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=dict(limits.env),
+            cwd=limits.cwd,
+            start_new_session=True,  # its own session and process group: sid == pgid == pid
+            close_fds=True,
+        )
+        pid = transport.get_pid()
+        box.live.add(pid)
+    spawner.after_spawn(pid)
     proc = asyncio.subprocess.Process(transport, protocol, loop)
-    pgid = proc.pid
-    active.add(pgid)
-    # prlimit(2) from here rather than a preexec_fn: the child keeps the fast vfork spawn path.
-    for name, value in limits.rlimits.items():
-        with contextlib.suppress(ProcessLookupError, OSError):
-            resource.prlimit(proc.pid, _RLIMITS[name], (value, value))
     out = Outcome()
-    client_gone = False
+    cut_short: asyncio.Future[str] = loop.create_future()  # "output_cap" | "stalled"
+
+    def end_early(why: str) -> None:
+        if not cut_short.done():
+            cut_short.set_result(why)
 
     async def pump(stream: asyncio.StreamReader, kind: Kind, name: str) -> None:
-        nonlocal client_gone
         cap = limits.output_bytes
         while chunk := await stream.read(CHUNK):
+            if cut_short.done():
+                continue  # keep draining the pipe so that the child never blocks on it
             room = cap - out.sent[name]
             if room < len(chunk):
                 out.truncated[name] = True
                 chunk = chunk[: max(room, 0)]
-            if not chunk or client_gone:
-                continue  # keep draining the pipe so the child never blocks on a full one
-            out.sent[name] += len(chunk)
-            try:
-                await send(kind, chunk)  # waits while the client's socket buffer is full
-            except (ConnectionError, OSError):
-                client_gone = True
+                if limits.output_action == "end":
+                    end_early("output_cap")
+            if chunk:
+                out.sent[name] += len(chunk)
+                try:
+                    await send(kind, chunk)  # waits (with a deadline) while the client is slow
+                except ClientGone:
+                    end_early("stalled")
+
+    async def control() -> str:
+        """Apply the client's STDIN / STDIN_EOF / SIGNAL; return why the client ended the run."""
+        while True:
+            item = await inbox.get()
+            if isinstance(item, End):
+                return "disconnect" if item.error is None else "error"
+            kind, body = item
+            if kind is Kind.STDIN and proc.stdin is not None:
+                with contextlib.suppress(ConnectionError, OSError):
+                    proc.stdin.write(body)
+                    await proc.stdin.drain()
+            elif kind is Kind.STDIN_EOF and proc.stdin is not None:
+                proc.stdin.close()
+            elif kind is Kind.SIGNAL:
+                _killpg(pid, signal.Signals[f"SIG{body.name}"])
+            elif kind not in (Kind.STDIN, Kind.STDIN_EOF):
+                return "bad_request"  # EXEC or AUTH while a command runs
 
     assert proc.stdout is not None
     assert proc.stderr is not None
     pumps = [
-        asyncio.ensure_future(pump(proc.stdout, Kind.STDOUT, "stdout")),
-        asyncio.ensure_future(pump(proc.stderr, Kind.STDERR, "stderr")),
+        loop.create_task(pump(proc.stdout, Kind.STDOUT, "stdout")),
+        loop.create_task(pump(proc.stderr, Kind.STDERR, "stderr")),
     ]
-    control = asyncio.ensure_future(_control(proc, pgid, inbox))
+    controller = loop.create_task(control())
     try:
-        first: set[asyncio.Future[Any]] = {exited, control}
+        first: set[asyncio.Future[Any]] = {exited, controller, cut_short}
         done, _ = await asyncio.wait(first, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
         if exited not in done:
-            if control in done:
-                out.aborted = control.result()
+            if controller in done:
+                out.aborted = controller.result()
+            elif cut_short in done:
+                reason = cut_short.result()
+                out.output_capped = reason == "output_cap"
+                out.aborted = None if out.output_capped else reason
             else:
                 out.timed_out = True
-            _killpg(pgid)
+            _killpg(pid)
             await exited
-        # The command is over. A background grandchild may still hold its pipes: give them a
-        # moment to reach end of file, then kill whatever is left of the group, always.
+        # The command is over. A background child may still hold its pipes: give them a moment
+        # to reach end of file, then kill whatever is left of the group, always.
         _, pending = await asyncio.wait(pumps, timeout=PIPE_GRACE_S)
-        _killpg(pgid)
-        await reap_group(pgid)
+        _killpg(pid)
         if pending:
             await asyncio.wait(pending, timeout=1.0)
     finally:
-        for task in (*pumps, control):
+        for task in (*pumps, controller):
             task.cancel()
-        _killpg(pgid)
+        await asyncio.gather(*pumps, controller, return_exceptions=True)
+        _killpg(pid)
         if not exited.done():  # cancelled (server shutdown): still wait for the exit
             await asyncio.shield(exited)
         transport.close()  # our ends of the pipes, whoever else still holds theirs
-        active.discard(pgid)
+        if proc.stdin is not None:
+            # Collect how the stdin pipe ended (a broken pipe is normal here): asyncio would
+            # otherwise log it as an exception never retrieved.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(proc.stdin.wait_closed(), 1.0)
+        box.live.discard(pid)
+        for _ in range(_END_SWEEPS):  # what it left behind, re-parented to us meanwhile
+            if not box.sweep():
+                break
+            await asyncio.sleep(0.005)
     rc = transport.get_returncode()
     assert rc is not None
     if rc < 0:
@@ -166,68 +289,3 @@ async def run(
         out.code = rc
     out.duration_s = loop.time() - started
     return out
-
-
-async def _control(proc: asyncio.subprocess.Process, pgid: int, inbox: Inbox) -> str:
-    """Apply the client's STDIN / STDIN_EOF / SIGNAL messages; return why the client ended it."""
-    while True:
-        item = await inbox.get()
-        if item is None:
-            return "disconnect"
-        kind, body = item
-        if kind is Kind.STDIN and proc.stdin is not None and isinstance(body, bytes):
-            with contextlib.suppress(ConnectionError, OSError):
-                proc.stdin.write(body)
-                await proc.stdin.drain()
-        elif kind is Kind.STDIN_EOF and proc.stdin is not None:
-            proc.stdin.close()
-        elif kind is Kind.SIGNAL:
-            _killpg(pgid, signal.Signals[f"SIG{getattr(body, 'name', '')}"])
-        else:
-            return "bad_request"
-
-
-# -- no zombie, ever ---------------------------------------------------------------------------
-_PR_SET_CHILD_SUBREAPER = 36
-
-
-def become_subreaper() -> bool:
-    """Make orphaned descendants of our commands re-parent to this process (not to PID 1), so
-    the service reaps them itself whatever PID 1 is. Linux only; False where unavailable."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return bool(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
-    except (OSError, AttributeError):
-        return False
-
-
-async def reap_group(pgid: int, limit_s: float = 2.0) -> None:
-    """Reap the killed members of a command's process group that were re-parented to us."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + limit_s
-    while loop.time() < end:
-        try:
-            pid, _ = os.waitpid(-pgid, os.WNOHANG)  # noqa: ASYNC222 - WNOHANG never blocks
-        except ChildProcessError:
-            return  # none of our children is left in that group
-        if pid == 0:
-            await asyncio.sleep(0.005)  # killed, not yet dead
-
-
-def reap_strays(running: set[int]) -> int:
-    """Reap zombie children that are not commands being run (strays that escaped their group)."""
-    me = os.getpid()
-    reaped = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) in running:
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] == b"Z" and int(fields[1]) == me:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(int(entry), os.WNOHANG)
-                reaped += 1
-    return reaped

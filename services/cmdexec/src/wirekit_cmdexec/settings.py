@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, SecretStr
-from pydantic_settings import SettingsConfigDict
+from pydantic_settings import CliSuppress, SettingsConfigDict
 
 from wirekit_framing import DEFAULT_MAX_FRAME_SIZE, MAX_WIRE_FRAME_SIZE
 from wirekit_servicekit import TcpServiceSettings
@@ -30,6 +30,7 @@ class CmdexecSettings(TcpServiceSettings):
     model_config = SettingsConfigDict(
         env_prefix="WIREKIT_CMDEXEC_", cli_prog_name="wirekit-cmdexec"
     )
+    cli_forbidden: ClassVar[frozenset[str]] = frozenset({"token"})
 
     port: int = Field(7100, ge=0, le=65535, description="TCP port for clients.")
     metrics_port: int = Field(
@@ -39,9 +40,11 @@ class CmdexecSettings(TcpServiceSettings):
         "asyncio",
         description="Event loop. asyncio by default: it spawns children ~3x faster (vfork).",
     )
-    token: SecretStr | None = Field(
+    # Never a flag: the command line of a process is readable by every user of the machine.
+    token: CliSuppress[SecretStr | None] = Field(
         None,
-        description="Token clients must send. Unset: a strong one is generated and logged once.",
+        description="Token clients must send (environment, *_FILE or secret; never a flag). "
+        "Unset: a strong one is generated and logged once.",
     )
     allow: list[str] = Field(
         default_factory=lambda: list(DEFAULT_ALLOW),
@@ -72,6 +75,23 @@ class CmdexecSettings(TcpServiceSettings):
     limit_runs: int = Field(
         8, ge=1, description="Commands running at once, server-wide; over: busy."
     )
+    limit_output_action: Literal["end", "drop"] = Field(
+        "end",
+        description="When a stream passes limit_output_bytes: end the command (SIGKILL to its "
+        "group; EXIT says output_capped) or drop the rest until it ends by itself.",
+    )
+    limit_auth_bytes: int = Field(
+        4096, ge=64, le=MAX_WIRE_FRAME_SIZE,
+        description="Largest frame before AUTH succeeded (the AUTH itself); over: unauthorized.",
+    )  # fmt: skip
+    timeout_auth_s: float = Field(
+        5.0, gt=0, description="A new connection must have sent its AUTH within this time."
+    )
+    timeout_write_s: float = Field(
+        15.0, gt=0,
+        description="Longest wait for a client to take output (STDOUT, STDERR, EXIT); a client "
+        "that reads nothing for this long is reset and its command killed.",
+    )  # fmt: skip
     limit_exec_bytes: int = Field(
         64 * 1024, ge=64, description="Largest EXEC message (argv and options); over: too_large."
     )
@@ -80,14 +100,34 @@ class CmdexecSettings(TcpServiceSettings):
         description="Largest frame accepted (STDIN chunks); over: too_large and close.",
     )  # fmt: skip
     rlimit_nproc: int | None = Field(
-        256, ge=1, description="RLIMIT_NPROC of children (processes of the server's user)."
-    )
+        256, ge=1,
+        description="RLIMIT_NPROC of commands: processes (and threads) of the service's user.",
+    )  # fmt: skip
     rlimit_cpu_s: int | None = Field(60, ge=1, description="RLIMIT_CPU of children, seconds.")
     rlimit_as_bytes: int | None = Field(
         2 * 1024**3, ge=1024**2, description="RLIMIT_AS (address space) of children, bytes."
     )
     auth_failure_delay_s: float = Field(
         1.0, ge=0, description="Wait before answering a failed AUTH (slows guessing)."
+    )
+    auth_failure_burst_per_source: int = Field(
+        10, ge=1, description="Failed logins a source address may make before it is limited."
+    )
+    auth_failure_rate_per_source: float = Field(
+        0.1, gt=0,
+        description="Failed logins per second a limited source regains; until then its "
+        "attempts are refused without looking at the token.",
+    )  # fmt: skip
+    auth_failure_burst: int = Field(
+        100, ge=1, description="Failed logins from all sources together before all are limited."
+    )
+    auth_failure_rate: float = Field(
+        2.0, gt=0, description="Failed logins per second regained by all sources together."
+    )
+    allow_root: bool = Field(
+        False,
+        description="Start even as root (refused by default: commands would run as root, and "
+        "the kernel does not enforce RLIMIT_NPROC for root).",
     )
     tls_cert_file: str | None = Field(None, description="PEM certificate chain: turns TLS on.")
     tls_key_file: str | None = Field(None, description="PEM private key of tls_cert_file.")

@@ -10,6 +10,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
 from wirekit_servicekit import ConnectionLimits, Listener, serve_service, service_main
+from wirekit_servicekit.lifecycle import Part
 
 from . import __version__
 from .protocol import EchoContext, EchoMetrics, FramedEcho, RawEcho
@@ -22,12 +23,12 @@ _PROTOCOLS = {"raw": RawEcho, "framed": FramedEcho}
 
 def build_listeners(
     settings: EchoSettings, registry: CollectorRegistry, provider: TracerProvider
-) -> list[Listener]:
+) -> list[Part]:
     metrics = EchoMetrics(registry)
     tracer = provider.get_tracer("wirekit_echo", __version__)
     ports = {"raw": settings.raw_port, "framed": settings.framed_port}
     modes = ("raw", "framed") if settings.mode == "both" else (settings.mode,)
-    listeners = []
+    listeners: list[Part] = []
     for mode in modes:
         ctx = EchoContext.build(
             mode,

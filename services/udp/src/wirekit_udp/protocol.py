@@ -17,8 +17,9 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from wirekit_servicekit import HotCounter
 from wirekit_servicekit.metrics import Cell
+from wirekit_servicekit.ratelimit import SourceLimiter, TokenBucket
 
-from .defences import SourceLimiter, TokenBucket, is_broadcast_or_multicast
+from .defences import is_broadcast_or_multicast
 from .kernel import SocketStats
 from .settings import UdpSettings
 

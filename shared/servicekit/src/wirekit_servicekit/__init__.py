@@ -7,6 +7,7 @@ server lifecycle (:func:`run`, :class:`ConnectionHub`).
 
 from .app import Build, serve_service, service_main
 from .lifecycle import (
+    Background,
     Connection,
     ConnectionHub,
     ConnectionLimits,
@@ -24,6 +25,7 @@ from .settings import ServiceSettings, SettingsLoadError, TcpServiceSettings, lo
 from .tracing import connection_span, setup_tracing
 
 __all__ = [
+    "Background",
     "Build",
     "Connection",
     "ConnectionHub",

@@ -14,7 +14,7 @@ from typing import Any, NoReturn, TypeVar
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
-from .lifecycle import DatagramListener, Listener, install_event_loop_policy, run
+from .lifecycle import Part, install_event_loop_policy, run
 from .logs import configure_logging
 from .metrics import MetricsServer, new_registry
 from .settings import ServiceSettings, load_settings
@@ -23,7 +23,9 @@ from .tracing import setup_tracing
 __all__ = ["Build", "serve_service", "service_main"]
 
 S = TypeVar("S", bound=ServiceSettings)
-Build = Callable[[CollectorRegistry, TracerProvider], Sequence[Listener | DatagramListener]]
+#: What a service supplies: its listeners and background tasks, built on a registry and a tracer
+#: provider (fresh ones in tests).
+Build = Callable[[CollectorRegistry, TracerProvider], Sequence[Part]]
 
 
 async def serve_service(
@@ -61,9 +63,12 @@ def service_main(
     version: str,
     serve: Callable[[S], Coroutine[Any, Any, int]],
     argv: Sequence[str] | None = None,
+    *,
+    settings: S | None = None,
 ) -> NoReturn:
-    """The console script: load settings (exit 2 on bad ones), JSON logs, loop, serve, exit."""
-    settings = load_settings(settings_cls, argv)
+    """The console script: load settings (exit 2 on bad ones; or take those already loaded),
+    JSON logs, loop, serve, exit."""
+    settings = settings if settings is not None else load_settings(settings_cls, argv)
     configure_logging(settings.log_level, name)
     loop = install_event_loop_policy(settings.event_loop)
     logging.getLogger(name.replace("-", "_")).info(

@@ -29,15 +29,16 @@ import struct
 import sys
 import termios
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from .metrics import ConnectionMetrics, MetricsServer
 from .settings import ServiceSettings, TcpServiceSettings
 
 __all__ = [
     "REJECT_REASONS",
+    "Background",
     "Connection",
     "ConnectionHub",
     "ConnectionLimits",
@@ -337,6 +338,24 @@ class Listener:
 
 
 @dataclass(frozen=True)
+class Background:
+    """A task the service runs beside its listeners (a periodic sweep, a reporter): started
+    once the listeners are bound, cancelled and awaited at shutdown. Its failure is logged."""
+
+    name: str
+    factory: Callable[[], Coroutine[Any, Any, None]]
+
+
+async def _supervised(part: Background) -> None:
+    try:
+        await part.factory()
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("background task failed", extra={"task": part.name})
+
+
+@dataclass(frozen=True)
 class DatagramListener:
     """One UDP endpoint: ``factory`` builds its DatagramProtocol. Stateless: nothing to drain."""
 
@@ -361,15 +380,19 @@ def install_event_loop_policy(choice: str) -> str:
     return "asyncio"
 
 
+Part = Listener | DatagramListener | Background
+
+
 async def run(
     settings: ServiceSettings,
-    listeners: Sequence[Listener | DatagramListener],
+    listeners: Sequence[Part],
     metrics: MetricsServer,
     on_ready: Callable[[dict[str, int]], None] | None = None,
     cleanup: Callable[[], Awaitable[None] | None] | None = None,
     stop: asyncio.Event | None = None,
 ) -> int:
-    """Serve ``listeners`` until a signal (or ``stop`` is set); drain; return the exit status."""
+    """Serve ``listeners`` (and run the ``Background`` tasks among them) until a signal (or
+    ``stop`` is set); drain; return the exit status."""
     loop = asyncio.get_running_loop()
     stop = stop if stop is not None else asyncio.Event()
     force = asyncio.Event()
@@ -387,11 +410,14 @@ async def run(
 
     servers: list[asyncio.Server] = []
     endpoints: list[asyncio.BaseTransport] = []
+    tasks: list[asyncio.Task[None]] = []
     hubs = [lst.hub for lst in listeners if isinstance(lst, Listener)]
     metrics.start()
     try:
         bound: dict[str, int] = {}
         for lst in listeners:
+            if isinstance(lst, Background):
+                continue
             if isinstance(lst, DatagramListener):
                 transport, _ = await loop.create_datagram_endpoint(
                     lst.factory, local_addr=(lst.host, lst.port)
@@ -405,6 +431,7 @@ async def run(
             servers.append(server)
             bound[lst.name] = server.sockets[0].getsockname()[1]
         bound["metrics"] = metrics.port
+        tasks = [loop.create_task(_supervised(p)) for p in listeners if isinstance(p, Background)]
         metrics.ready = True
         log.info(
             "listening",
@@ -435,6 +462,9 @@ async def run(
         for server in servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1.0)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for hub in hubs:
             await hub.aclose()
         for signum in (signal.SIGTERM, signal.SIGINT):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Self, TypeVar
+from typing import Any, ClassVar, Literal, Self, TypeVar
 
 from pydantic import Field, ValidationError
 from pydantic.fields import FieldInfo
@@ -64,6 +64,9 @@ class ServiceSettings(BaseSettings):
         frozen=True,
     )
 
+    #: Fields never taken from the command line (secrets: argv is readable by every user).
+    cli_forbidden: ClassVar[frozenset[str]] = frozenset()
+
     host: str = Field(
         "127.0.0.1",
         description="Address the service listens on (the images set 0.0.0.0).",
@@ -107,6 +110,14 @@ class ServiceSettings(BaseSettings):
     def load(cls, argv: Sequence[str] | None = None) -> Self:
         """Parse flags, environment and files. ``--help`` prints and exits 0."""
         args = list(sys.argv[1:] if argv is None else argv)
+        prefix = str(cls.model_config.get("env_prefix", ""))
+        for name in cls.cli_forbidden:
+            flag = f"--{name.replace('_', '-')}"
+            if any(a == flag or a.startswith(flag + "=") for a in args):
+                raise SettingsLoadError(
+                    f"{flag} is not accepted on the command line (every user can read it): use "
+                    f"{prefix}{name.upper()}, {prefix}{name.upper()}_FILE or a secret file"
+                )
         try:
             return cls(_cli_parse_args=args)  # type: ignore[call-arg]
         except ValidationError as exc:
