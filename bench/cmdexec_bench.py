@@ -39,14 +39,24 @@ def timed(fn: Callable[[], object], n: int) -> list[float]:
     return out
 
 
-def start_cmdexec(work: Path, big: Path) -> tuple[subprocess.Popen[str], int]:
+def start_cmdexec(
+    work: Path, big: Path, baseline: Path | None = None
+) -> tuple[subprocess.Popen[str], int]:
+    """The service (or, with ``baseline``, the one of that checkout). It runs as root here, as
+    the bench does: the service is told that this is meant."""
+    env = {**os.environ, "WIREKIT_CMDEXEC_TOKEN": TOKEN, "WIREKIT_CMDEXEC_LOG_LEVEL": "INFO",
+           "WIREKIT_CMDEXEC_ALLOW_ROOT": "true"}  # fmt: skip
+    if baseline is not None:
+        env["PYTHONPATH"] = os.pathsep.join(
+            str(baseline / p) for p in ("shared/framing/src", "shared/servicekit/src",
+                                        "services/cmdexec/src")
+        )  # fmt: skip
     popen = subprocess.Popen(
         [sys.executable, "-m", "wirekit_cmdexec", "--port", "0", "--metrics-port", "0",
          "--allow", '["true", "cat"]',
          "--arg-patterns", json.dumps({"cat": str(big)}),
          "--limit-output-bytes", str(1 << 30), "--timeout-run-s", "120"],
-        stderr=subprocess.PIPE, text=True, env={**os.environ, "WIREKIT_CMDEXEC_TOKEN": TOKEN,
-                                                "WIREKIT_CMDEXEC_LOG_LEVEL": "INFO"},
+        stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
     assert popen.stderr is not None
     deadline = time.monotonic() + 20
@@ -95,9 +105,14 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _drop(_: bytes) -> None:
+    pass
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--baseline", help="a checkout whose cmdexec is measured too (before/after)")
     args = p.parse_args()
     n = 50 if args.quick else 300
     size = (20 if args.quick else 100) * 1_000_000
@@ -107,35 +122,49 @@ def main() -> None:
         f.write(os.urandom(1 << 20) * (size // (1 << 20)))
     size = big.stat().st_size
     latency, streaming = [], []
-    latency.append({"name": "local subprocess.run(['true'])",
-                    **percentiles(timed(lambda: subprocess.run(["true"]), n))})  # fmt: skip
-    server, port = start_cmdexec(work, big)
+    servers = {"wirekit": start_cmdexec(work, big)}
+    if args.baseline:
+        servers["wirekit-baseline"] = start_cmdexec(work, big, Path(args.baseline))
     try:
-        with socket.create_connection(("127.0.0.1", port)) as sock:
-            client = CmdexecClient(sock, TOKEN)
+        clients = {}
+        for name, (_, port) in servers.items():
+            sock = socket.create_connection(("127.0.0.1", port))
+            clients[name] = CmdexecClient(sock, TOKEN)
+            clients[name].run(["true"], on_stdout=_drop, on_stderr=_drop)  # warm
 
-            def drop(_: bytes) -> None:
-                pass
-
-            client.run(["true"], on_stdout=drop, on_stderr=drop)  # warm
-            latency.append({"name": "wirekit cmdexec `true` (one connection)",
-                            **percentiles(timed(lambda: client.run(["true"], on_stdout=drop,
-                                                                   on_stderr=drop), n))})  # fmt: skip
+        # Interleaved rounds: local, wirekit, baseline, local, ... so drift hits them alike.
+        samples: dict[str, list[float]] = {"local": [], **{k: [] for k in clients}}
+        rounds = 5
+        for _ in range(rounds):
+            samples["local"] += timed(lambda: subprocess.run(["true"]), n // rounds)
+            for name, client in clients.items():
+                samples[name] += timed(
+                    lambda c=client: c.run(["true"], on_stdout=_drop, on_stderr=_drop),
+                    n // rounds,
+                )
+        latency.append({"name": "local subprocess.run(['true'])", **percentiles(samples["local"])})
+        for name in clients:
+            latency.append({"name": f"{name} cmdexec `true` (one connection)",
+                            **percentiles(samples[name])})  # fmt: skip
+        for name, client in clients.items():
             got = [0]
 
-            def count(data: bytes) -> None:
+            def count(data: bytes, got: list[int] = got) -> None:
                 got[0] += len(data)
 
             t0 = time.perf_counter()
-            client.run(["cat", str(big)], on_stdout=count, on_stderr=drop)
+            client.run(["cat", str(big)], on_stdout=count, on_stderr=_drop)
             elapsed = time.perf_counter() - t0
             assert got[0] == size, (got[0], size)
             streaming.append(
-                {"name": "wirekit cmdexec `cat` (no TLS)", "mb_per_s": size / elapsed / 1e6}
+                {"name": f"{name} cmdexec `cat` (no TLS)", "mb_per_s": size / elapsed / 1e6}
             )
+        for client in clients.values():
+            client.sock.close()
     finally:
-        server.terminate()
-        server.wait(15)
+        for server, _ in servers.values():
+            server.terminate()
+            server.wait(15)
     sshd = start_sshd(work)
     if sshd is not None:
         proc, base = sshd

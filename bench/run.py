@@ -146,14 +146,31 @@ def ref(name: str, kind: str, port: int, udp: bool = False) -> Server:
                   "stdout:ready", udp=udp)  # fmt: skip
 
 
-def wirekit_echo(name: str, port: int, metrics: int, env: dict[str, str]) -> Server:
-    return Server(
-        name,
-        [PY, "-m", "wirekit_echo", "--raw-port", str(port), "--framed-port", str(port + 1),
-         "--metrics-port", str(metrics), "--log-level", "WARNING", "--limit-connections", "20000",
-         "--timeout-idle-s", "600"],
-        port, "connect", env,
-    )  # fmt: skip
+def wirekit_echo(
+    name: str, port: int, metrics: int, env: dict[str, str], baseline: Path | None = None
+) -> Server:
+    """The echo service as shipped, its limits raised out of the way of the load; with
+    ``baseline``, the same service from another checkout (its sources first on the path)."""
+    cmd = [PY, "-m", "wirekit_echo", "--raw-port", str(port), "--framed-port", str(port + 1),
+           "--metrics-port", str(metrics), "--log-level", "WARNING", "--limit-connections",
+           "20000", "--timeout-idle-s", "600"]  # fmt: skip
+    if baseline is None:
+        cmd += ["--limit-connections-per-source", "20000"]  # every client is 127.0.0.1
+    else:
+        src = [baseline / p for p in ("shared/framing/src", "shared/servicekit/src",
+                                      "services/echo/src")]  # fmt: skip
+        env = {**env, "PYTHONPATH": os.pathsep.join(map(str, src))}
+    return Server(name, cmd, port, "connect", env)
+
+
+def checkout(rev: str, workdir: Path) -> Path:
+    """The tree of ``rev`` (a commit of this repository) in ``workdir``, for --baseline."""
+    dest = workdir / f"baseline-{rev}"
+    dest.mkdir()
+    archive = subprocess.run(["git", "archive", rev], cwd=HERE.parent, check=True,
+                             capture_output=True).stdout  # fmt: skip
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
 
 
 def xinetd(workdir: Path, stream_port: int, dgram_port: int) -> Server | None:
@@ -243,6 +260,18 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--duration", type=float, default=2.0)
     p.add_argument("--quick", action="store_true", help="one repetition, short runs (smoke)")
+    p.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also run the echo and cmdexec of this commit, interleaved, as "
+        "wirekit-baseline (the before of a before/after)",
+    )
+    p.add_argument(
+        "--only",
+        choices=("all", "echo", "cmdexec"),
+        default="all",
+        help="echo: the TCP echo tables only; cmdexec: the cmdexec bench only",
+    )
     args = p.parse_args()
     # SIGTERM (timeout, kill) ends like Ctrl-C: the finally below stops every server started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -250,6 +279,7 @@ def main() -> None:
         args.reps, args.duration = 1, 0.5
     RESULTS.mkdir(exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="wirekit-bench-"))
+    baseline = checkout(args.baseline, workdir) if args.baseline else None
     sink = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
     threading.Thread(target=sink.serve_forever, daemon=True).start()
     on = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.server_port}",
@@ -260,6 +290,8 @@ def main() -> None:
         ref("asyncio-protocol", "protocol", 18003), ref(REF_TCP, "uvloop", 18004),
         wirekit_echo("wirekit", 18010, 18910, on), wirekit_echo("wirekit-telemetry-off", 18020, 18920, off),
     ]  # fmt: skip
+    if baseline is not None:
+        tcp.append(wirekit_echo("wirekit-baseline", 18030, 18930, on, baseline))
     udp = [
         ref(REF_UDP, "udp-uvloop", 18104, udp=True),
         Server("wirekit-udp", [PY, "-m", "wirekit_udp", "--port", "18106", "--metrics-port", "18916",
@@ -270,6 +302,10 @@ def main() -> None:
     xi = xinetd(workdir, 18005, 18105)
     if xi is not None:
         tcp.insert(4, xi)
+    if args.only == "echo":
+        udp = []
+    if args.only == "cmdexec":
+        tcp, udp, xi = [], [], None
     everything = tcp + udp
     stop_scraping = threading.Event()
     report: dict[str, Any] = {
@@ -277,13 +313,14 @@ def main() -> None:
                  "python": platform.python_version(), "reps": args.reps,
                  "duration_s": args.duration, "load": "10,000 msgs/s paced unless closed loop"},
         "paced": [], "closed": [], "udp": [], "cold": [], "nagle": [], "idle": {},
+        "cmdexec": {}, "framing": {}, "baseline": args.baseline,
     }  # fmt: skip
     try:
         for server in everything:
             server.start()
         for port in (18910, 18916):
             threading.Thread(target=scraper, args=(port, stop_scraping), daemon=True).start()
-        total = args.reps * (3 * 2 * (len(tcp) + 3) + 4 * len(tcp) + 2 * len(udp))
+        total = args.reps * (3 * 2 * (2 * len(tcp)) + 4 * len(tcp) + 2 * len(udp))
         done = 0
 
         def step(label: str, server: Server, kind: str, port: int, **load: Any) -> dict[str, Any]:
@@ -303,7 +340,8 @@ def main() -> None:
                         report["paced"].append({**r, "mode": "raw", "rep": rep})
                     framed_targets = [(s, s.port + (1 if s.name.startswith("wirekit") else 0))
                                       for s in tcp if s.name in (REF_TCP, "wirekit",
-                                                                 "wirekit-telemetry-off")]  # fmt: skip
+                                                                 "wirekit-telemetry-off",
+                                                                 "wirekit-baseline")]  # fmt: skip
                     for server, port in framed_targets:
                         r = step(f"paced framed {size}B x{conns}", server, "tcp", port,
                                  size=size, conns=conns, rate=10000, framed=True)  # fmt: skip
@@ -317,33 +355,38 @@ def main() -> None:
                 port = 18105 if server is xi else server.port
                 r = step("udp paced 100B x10", server, "udp", port, size=100, conns=10, rate=10000)
                 report["udp"].append({**r, "rep": rep})
-        wk = next(s for s in tcp if s.name == "wirekit")
-        for size in (1024, 16384):  # one round trip per message, even for big framed messages
-            r = measure(wk, "tcp", wk.port + 1, size=size, conns=1, rate=0, framed=True,
-                        duration=args.duration, warmup=0.3)  # fmt: skip
-            report["nagle"].append({**r, "server": "wirekit", "size": size})
-        report["cold"] = cold_start(args.duration, on)
-        report["idle"] = idle_connections(on)
+        if args.only == "all":
+            wk = next(s for s in tcp if s.name == "wirekit")
+            for size in (1024, 16384):  # one round trip per message, even for big frames
+                r = measure(wk, "tcp", wk.port + 1, size=size, conns=1, rate=0, framed=True,
+                            duration=args.duration, warmup=0.3)  # fmt: skip
+                report["nagle"].append({**r, "server": "wirekit", "size": size})
+            report["cold"] = cold_start(args.duration, on)
+            report["idle"] = idle_connections(on)
     finally:
         stop_scraping.set()
         for server in everything:
             server.stop()
         sink.shutdown()
-    log("cmdexec")
-    report["cmdexec"] = json.loads(subprocess.run(
-        [PY, str(HERE / "cmdexec_bench.py"), *(["--quick"] if args.quick else [])],
-        check=True, capture_output=True, text=True, timeout=600).stdout)  # fmt: skip
-    log("framing")
-    report["framing"] = json.loads(subprocess.run(
-        [PY, str(HERE / "framing_bench.py"), *(["--quick"] if args.quick else [])],
-        check=True, capture_output=True, text=True, timeout=600).stdout)  # fmt: skip
-    (RESULTS / "latest.json").write_text(json.dumps(report, indent=1))
-    history = RESULTS / "history.jsonl"
-    with history.open("a") as f:
-        f.write(json.dumps({"meta": report["meta"], "headline": headline(report)}) + "\n")
+    if args.only in ("all", "cmdexec"):
+        log("cmdexec")
+        extra = ["--baseline", str(baseline)] if baseline is not None else []
+        report["cmdexec"] = json.loads(subprocess.run(
+            [PY, str(HERE / "cmdexec_bench.py"), *(["--quick"] if args.quick else []), *extra],
+            check=True, capture_output=True, text=True, timeout=900).stdout)  # fmt: skip
+    if args.only == "all":
+        log("framing")
+        report["framing"] = json.loads(subprocess.run(
+            [PY, str(HERE / "framing_bench.py"), *(["--quick"] if args.quick else [])],
+            check=True, capture_output=True, text=True, timeout=600).stdout)  # fmt: skip
+    name = "latest" if args.only == "all" else f"only-{args.only}"
+    (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=1))
     md = render(report)
-    (RESULTS / "latest.md").write_text(md)
-    plot(report, RESULTS / "throughput.png")
+    (RESULTS / f"{name}.md").write_text(md)
+    if args.only == "all":
+        with (RESULTS / "history.jsonl").open("a") as f:
+            f.write(json.dumps({"meta": report["meta"], "headline": headline(report)}) + "\n")
+        plot(report, RESULTS / "throughput.png")
     print(md)
 
 
@@ -434,85 +477,110 @@ def render(report: dict[str, Any]) -> str:
         "paced load of 10,000 msgs/s; ratio against uvloop `Protocol` echo (bare, no telemetry).",
         "`wirekit` runs as shipped: metrics scraped every second, OTLP export on.", "",
     ]  # fmt: skip
-    paced = report["paced"]
-    servers = list(dict.fromkeys(r["server"] for r in paced))
-    for mode in ("raw", "framed"):
-        lines += [f"## TCP echo, {mode} messages, paced: server CPU µs/msg (ratio vs {REF_TCP})", "",
-                  "| server | " + " | ".join(f"{s} B ×{c}" for s in (100, 1024, 16384) for c in (10, 100)) + " |",
-                  "|---|" + "---|" * 6]  # fmt: skip
-        for server in servers:
+    if report["paced"]:
+        paced = report["paced"]
+        servers = list(dict.fromkeys(r["server"] for r in paced))
+        for mode in ("raw", "framed"):
+            lines += [f"## TCP echo, {mode} messages, paced: server CPU µs/msg (ratio vs {REF_TCP})", "",
+                      "| server | " + " | ".join(f"{s} B ×{c}" for s in (100, 1024, 16384) for c in (10, 100)) + " |",
+                      "|---|" + "---|" * 6]  # fmt: skip
+            for server in servers:
+                cells = []
+                for size in (100, 1024, 16384):
+                    for conns in (10, 100):
+                        v = _median(
+                            paced,
+                            "cpu_us_per_msg",
+                            server=server,
+                            mode=mode,
+                            size=size,
+                            conns=conns,
+                        )
+                        if v != v:
+                            cells.append("–")
+                            continue
+                        r = v / _median(
+                            paced,
+                            "cpu_us_per_msg",
+                            server=REF_TCP,
+                            mode=mode,
+                            size=size,
+                            conns=conns,
+                        )
+                        spread = _spread(
+                            paced,
+                            "cpu_us_per_msg",
+                            server=server,
+                            mode=mode,
+                            size=size,
+                            conns=conns,
+                        )
+                        cells.append(f"{v:.1f} [{spread}] ({r:.2f}×)")
+                if any(c != "–" for c in cells):
+                    lines.append(f"| {server} | " + " | ".join(cells) + " |")
+            lines.append("")
+    if report["closed"]:
+        closed = report["closed"]
+        lines += ["## TCP echo, closed loop, 100 B: msgs/s (ratio vs uvloop), p50 / p99 ms", "",
+                  "| server | ×1 | ×10 | ×100 | ×1000 |", "|---|---|---|---|---|"]  # fmt: skip
+        for server in dict.fromkeys(r["server"] for r in closed):
             cells = []
-            for size in (100, 1024, 16384):
-                for conns in (10, 100):
-                    v = _median(
-                        paced, "cpu_us_per_msg", server=server, mode=mode, size=size, conns=conns
-                    )
-                    if v != v:
-                        cells.append("–")
-                        continue
-                    r = v / _median(
-                        paced, "cpu_us_per_msg", server=REF_TCP, mode=mode, size=size, conns=conns
-                    )
-                    spread = _spread(
-                        paced, "cpu_us_per_msg", server=server, mode=mode, size=size, conns=conns
-                    )
-                    cells.append(f"{v:.1f} [{spread}] ({r:.2f}×)")
-            if any(c != "–" for c in cells):
-                lines.append(f"| {server} | " + " | ".join(cells) + " |")
-        lines.append("")
-    closed = report["closed"]
-    lines += ["## TCP echo, closed loop, 100 B: msgs/s (ratio vs uvloop), p50 / p99 ms", "",
-              "| server | ×1 | ×10 | ×100 | ×1000 |", "|---|---|---|---|---|"]  # fmt: skip
-    for server in dict.fromkeys(r["server"] for r in closed):
-        cells = []
-        for conns in (1, 10, 100, 1000):
-            v = _median(closed, "msgs_per_s", server=server, conns=conns)
-            r = v / _median(closed, "msgs_per_s", server=REF_TCP, conns=conns)
-            p50 = _median(closed, "p50", server=server, conns=conns) * 1e3
-            p99 = _median(closed, "p99", server=server, conns=conns) * 1e3
-            cells.append(f"{v / 1000:.1f}k ({r:.2f}×) {p50:.2f}/{p99:.2f}")
-        lines.append(f"| {server} | " + " | ".join(cells) + " |")
-    client_cpu = _median(closed, "client_cpu", server=REF_TCP, conns=10)
-    wall = _median(closed, "elapsed", server=REF_TCP, conns=10)
-    lines += ["", f"Load generator headroom: against the fastest server (×10) it used "
-              f"{client_cpu / wall:.0%} of one core: a closed loop here measures the client as much "
-              "as the server, which is why CPU per message at a paced load is the figure to compare.", ""]  # fmt: skip
-    udp = report["udp"]
-    lines += ["## UDP echo, 100 B, 10,000 datagrams/s paced", "",
-              "| server | CPU µs/datagram | ratio | loss | p99 ms |", "|---|---|---|---|---|"]  # fmt: skip
-    ref_udp = _median(udp, "cpu_us_per_msg", server=REF_UDP)
-    for server in dict.fromkeys(r["server"] for r in udp):
-        v = _median(udp, "cpu_us_per_msg", server=server)
-        lost = sum(r["lost"] for r in udp if r["server"] == server)
-        sent = sum(r["msgs"] + r["lost"] for r in udp if r["server"] == server)
-        lines.append(f"| {server} | {v:.1f} | {v / ref_udp:.2f}× | {lost / max(sent, 1):.2%} | "
-                     f"{_median(udp, 'p99', server=server) * 1e3:.2f} |")  # fmt: skip
-    lines += ["", "## Cold start (closed loop, 1 KiB, 1 connection or UDP socket): first vs later", "",
-              "| server | first msgs/s | later msgs/s | first/later |", "|---|---|---|---|"]  # fmt: skip
-    for c in report["cold"]:
-        lines.append(
-            f"| {c['server']} | {c['first']:.0f} | {c['later']:.0f} | {c['first'] / c['later']:.2f} |"
-        )
-    lines += ["", "## Nagle check: framed, 1 connection, closed loop", "",
-              "| size | msgs/s | p50 ms |", "|---|---|---|"]  # fmt: skip
-    for n in report["nagle"]:
-        lines.append(f"| {n['size']} B | {n['msgs_per_s']:.0f} | {n['p50'] * 1e3:.3f} |")
-    idle = report["idle"]
-    lines += ["", f"## Idle connections: {idle['connections']:,} held, echo RSS "
-              f"{idle['rss_before_mib']:.1f} MiB before, {idle['rss_held_mib']:.1f} MiB while held", ""]  # fmt: skip
-    cx = report["cmdexec"]
-    lines += ["## cmdexec", "", "| what | p50 ms | p99 ms |", "|---|---|---|"]
-    for row in cx["latency"]:
-        lines.append(f"| {row['name']} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} |")
-    lines += ["", "| streaming 100 MB | MB/s |", "|---|---|"]
-    for row in cx["streaming"]:
-        lines.append(f"| {row['name']} | {row['mb_per_s']:.0f} |")
-    fr = report["framing"]
-    lines += ["", "## Framing decoder", "",
-              f"- 100-byte frames from one buffer: {fr['frames_per_s'] / 1e6:.2f} M frames/s",
-              f"- byte-at-a-time, per byte: {fr['per_byte_small_ns']:.0f} ns (1 MiB frame), "
-              f"{fr['per_byte_large_ns']:.0f} ns (16 MiB frame): ratio {fr['linearity']:.2f} (O(n))",
-              f"- whole 16 MiB frame in one feed: {fr['whole_per_byte_ns']:.2f} ns per byte", ""]  # fmt: skip
+            for conns in (1, 10, 100, 1000):
+                v = _median(closed, "msgs_per_s", server=server, conns=conns)
+                r = v / _median(closed, "msgs_per_s", server=REF_TCP, conns=conns)
+                p50 = _median(closed, "p50", server=server, conns=conns) * 1e3
+                p99 = _median(closed, "p99", server=server, conns=conns) * 1e3
+                cells.append(f"{v / 1000:.1f}k ({r:.2f}×) {p50:.2f}/{p99:.2f}")
+            lines.append(f"| {server} | " + " | ".join(cells) + " |")
+        client_cpu = _median(closed, "client_cpu", server=REF_TCP, conns=10)
+        wall = _median(closed, "elapsed", server=REF_TCP, conns=10)
+        lines += ["", f"Load generator headroom: against the fastest server (×10) it used "
+                  f"{client_cpu / wall:.0%} of one core: a closed loop here measures the client as much "
+                  "as the server, which is why CPU per message at a paced load is the figure to compare.", ""]  # fmt: skip
+    if report["udp"]:
+        udp = report["udp"]
+        lines += ["## UDP echo, 100 B, 10,000 datagrams/s paced", "",
+                  "| server | CPU µs/datagram | ratio | loss | p99 ms |", "|---|---|---|---|---|"]  # fmt: skip
+        ref_udp = _median(udp, "cpu_us_per_msg", server=REF_UDP)
+        for server in dict.fromkeys(r["server"] for r in udp):
+            v = _median(udp, "cpu_us_per_msg", server=server)
+            lost = sum(r["lost"] for r in udp if r["server"] == server)
+            sent = sum(r["msgs"] + r["lost"] for r in udp if r["server"] == server)
+            lines.append(f"| {server} | {v:.1f} | {v / ref_udp:.2f}× | {lost / max(sent, 1):.2%} | "
+                         f"{_median(udp, 'p99', server=server) * 1e3:.2f} |")  # fmt: skip
+    if report["cold"]:
+        lines += ["", "## Cold start (closed loop, 1 KiB, 1 connection or UDP socket): first vs later", "",
+                  "| server | first msgs/s | later msgs/s | first/later |", "|---|---|---|---|"]  # fmt: skip
+        for c in report["cold"]:
+            lines.append(
+                f"| {c['server']} | {c['first']:.0f} | {c['later']:.0f} | {c['first'] / c['later']:.2f} |"
+            )
+    if report["nagle"]:
+        lines += ["", "## Nagle check: framed, 1 connection, closed loop", "",
+                  "| size | msgs/s | p50 ms |", "|---|---|---|"]  # fmt: skip
+        for n in report["nagle"]:
+            lines.append(f"| {n['size']} B | {n['msgs_per_s']:.0f} | {n['p50'] * 1e3:.3f} |")
+    if report["idle"]:
+        idle = report["idle"]
+        lines += ["", f"## Idle connections: {idle['connections']:,} held, echo RSS "
+                  f"{idle['rss_before_mib']:.1f} MiB before, {idle['rss_held_mib']:.1f} MiB while held", ""]  # fmt: skip
+    if report["cmdexec"]:
+        cx = report["cmdexec"]
+        lines += ["## cmdexec", "", "| what | p50 ms | p99 ms |", "|---|---|---|"]
+        for row in cx["latency"]:
+            lines.append(f"| {row['name']} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} |")
+        lines += ["", "| streaming 100 MB | MB/s |", "|---|---|"]
+        for row in cx["streaming"]:
+            lines.append(f"| {row['name']} | {row['mb_per_s']:.0f} |")
+    if report["framing"]:
+        fr = report["framing"]
+        lines += ["", "## Framing decoder", "",
+                  f"- 100-byte frames from one buffer: {fr['frames_per_s'] / 1e6:.2f} M frames/s "
+                  f"(`feed`), {fr.get('relay_frames_per_s', float('nan')) / 1e6:.2f} M frames/s "
+                  "(`relay`, the echo's call)",
+                  f"- byte-at-a-time, per byte: {fr['per_byte_small_ns']:.0f} ns (1 MiB frame), "
+                  f"{fr['per_byte_large_ns']:.0f} ns (16 MiB frame): ratio {fr['linearity']:.2f} (O(n))",
+                  f"- whole 16 MiB frame in one feed: {fr['whole_per_byte_ns']:.2f} ns per byte", ""]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -108,7 +108,7 @@ def test_commands_over_tls_with_prometheus_and_otlp(
     for expr, want in {
         'cmdexec_runs_total{result="ok"}': 5,
         'cmdexec_runs_total{result="denied"}': 1,
-        "cmdexec_auth_failures_total": 1,
+        'cmdexec_auth_failures_total{reason="token"}': 1,
     }.items():
         wait_until(lambda e=expr, w=want: prom.value(e) == float(w), 30, f"{expr} == {want}")
 

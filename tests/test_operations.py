@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from wirekit_testkit import service_process, tool, wait_until
 
 from wirekit_cmdexec.client import CmdexecClient, RemoteError
-from wirekit_servicekit.settings import ServiceSettings
+from wirekit_servicekit.settings import TcpServiceSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -34,7 +34,8 @@ METRIC = re.compile(r"\b((?:echo|cmdexec|udp|process)_[a-z_]+)\b")
 def exported_names() -> Iterator[set[str]]:
     """Start the three services for real and collect every sample name from their /metrics."""
     names = {"up"}
-    env = {"PATH": "/usr/bin:/bin", "WIREKIT_CMDEXEC_TOKEN": "t" * 32}
+    env = {"PATH": "/usr/bin:/bin", "WIREKIT_CMDEXEC_TOKEN": "t" * 32,
+           "WIREKIT_CMDEXEC_ALLOW_ROOT": "true"}  # the tests run as root  # fmt: skip
     with contextlib.ExitStack() as stack:
         for module in SERVICES.values():
             ports0 = ["--raw-port", "0", "--framed-port", "0"] if module == "wirekit_echo" else [
@@ -167,7 +168,7 @@ def test_schema_validation_can_fail() -> None:
         kubernetes_validate.validate(bad, K8S_VERSION, strict=True)
 
 
-DRAIN_S = ServiceSettings.model_fields["timeout_drain_s"].default
+DRAIN_S = TcpServiceSettings.model_fields["timeout_drain_s"].default
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -219,7 +220,8 @@ def test_every_container_meets_the_restricted_profile(overlay: str) -> None:
 def test_the_shipped_rules_fire_in_a_real_prometheus(prometheus_for: Any, tmp_path: Path) -> None:
     """cmdexec as a process, Debian's Prometheus with deploy/prometheus/rules, wrong tokens:
     WirekitCmdexecAuthFailures fires (no `for:`, so on the next evaluation)."""
-    env = {"PATH": "/usr/bin:/bin", "WIREKIT_CMDEXEC_TOKEN": "right-token-" + "x" * 20}
+    env = {"PATH": "/usr/bin:/bin", "WIREKIT_CMDEXEC_TOKEN": "right-token-" + "x" * 20,
+           "WIREKIT_CMDEXEC_ALLOW_ROOT": "true"}  # fmt: skip
     with service_process("wirekit_cmdexec", "--port", "0", "--metrics-port", "0",
                          "--auth-failure-delay-s", "0", env=env) as proc:  # fmt: skip
         ports = proc.ports

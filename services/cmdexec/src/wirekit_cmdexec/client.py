@@ -191,7 +191,7 @@ def shell(client: CmdexecClient, args: argparse.Namespace) -> int:
         except RemoteError as exc:
             print(f"wirekit-cmdexec-client: {exc}", file=sys.stderr)
             status = EXIT_FAILURE
-            if exc.code in ("unauthorized", "bad_request", "too_large"):
+            if exc.code in ("unauthorized", "timeout", "bad_request", "too_large"):
                 return status  # the server closed the connection
     return status
 

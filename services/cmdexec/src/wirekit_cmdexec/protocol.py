@@ -196,7 +196,8 @@ class Connection:
     async def _flush(self) -> None:
         """Wait for the client to take what was written, within ``timeout_write_s``."""
         try:
-            await asyncio.wait_for(self.writer.drain(), self.svc.timeout_write_s)
+            async with asyncio.timeout(self.svc.timeout_write_s):  # a timer, no task
+                await self.writer.drain()
         except (TimeoutError, ConnectionError, OSError) as exc:
             raise ClientGone(type(exc).__name__) from None
 
@@ -242,9 +243,6 @@ class Connection:
     async def _authenticate(self) -> bool:
         """Read one AUTH frame and check its token. False when the client left before AUTH."""
         svc = self.svc
-        if not svc.guard.allows(self.source):
-            await self._auth_failed("rate_limited")
-            raise Unauthorized("too many failed logins from this address; retry later")
         try:
             frame = await asyncio.wait_for(self._read_auth_frame(), svc.timeout_auth_s)
         except TimeoutError:
@@ -256,6 +254,9 @@ class Connection:
             await self._auth_failed("protocol")
             raise Unauthorized(f"AUTH frame over limit_auth_bytes ({exc.size} bytes)") from None
         self.activity += 1
+        if not svc.guard.allows(self.source):  # the frame is read, its token not looked at
+            await self._auth_failed("rate_limited")
+            raise Unauthorized("too many failed logins from this address; retry later")
         try:
             kind, body = decode_client(frame)
         except BadMessage as exc:

@@ -59,6 +59,8 @@ log = logging.getLogger(__name__)
 #: Sweeps per timeout: a silent peer is closed after between 1 and 1.25 idle timeouts, a frame
 #: left incomplete after between 1 and 1.125 frame timeouts (sweeps see activity, not its time).
 _SWEEPS = 8
+#: After the drain deadline, how long closed connections get to finish their cleanup.
+_AFTER_CLOSE_S = 5.0
 #: Why the hub refuses a connection: the ``reason`` label of ``*_connections_rejected_total``.
 REJECT_REASONS = ("limit", "per_source", "draining")
 
@@ -318,10 +320,11 @@ async def drain(hubs: Sequence[ConnectionHub], grace_s: float, force: asyncio.Ev
         await asyncio.gather(*waiters, return_exceptions=True)
     closed = sum(hub.close_all() for hub in hubs)
     if closed:
-        # Closed transports report connection_lost on the next loop iterations: let them, so
-        # spans end and gauges read 0 before the process exits.
+        # Closed connections finish on the next loop iterations (connection_lost; a cmdexec
+        # handler kills its command first): let them, so that no handler is cancelled by the
+        # loop's end, spans end and gauges read 0 before the process exits.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(all_gone(), 1.0)
+            await asyncio.wait_for(all_gone(), _AFTER_CLOSE_S)
     return closed
 
 
