@@ -326,7 +326,9 @@ class Connection:
             raise BadRequest(str(exc)) from None
 
     async def _converse(self) -> None:
-        while not self.draining:
+        while True:
+            if self.draining and not self.inbox:
+                return  # shutting down, nothing asked: close
             item = await self.inbox.get()
             if isinstance(item, End):
                 if isinstance(item.error, CmdexecError):

@@ -55,6 +55,10 @@ class Inbox:
         self._items.append(item)
         self._readable.set()
 
+    def __len__(self) -> int:
+        """Messages waiting (the end, if any, not counted)."""
+        return len(self._items)
+
     def end(self, end: End) -> None:
         if self._end is None:
             self._end = end
