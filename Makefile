@@ -20,37 +20,50 @@ COMPOSE     ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker co
 STACK_NAME  ?= wirekit
 STACK       := $(COMPOSE) -p $(STACK_NAME) -f deploy/compose.yaml $(if $(OFFLINE),-f deploy/compose.offline.yaml)
 
-.PHONY: install run test lint fmt lock clean wheelhouse images base-image up down bench soak
+.PHONY: help install run check test lint fmt lock clean wheelhouse images base-image up down bench soak
+.DEFAULT_GOAL := help
+
+#: The virtualenv is up to date when this stamp is newer than the pins and the members' metadata.
+STAMP   := $(VENV)/.installed
+
+help: ## this list
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
-install: $(BIN)/python ## venv with the pinned, hashed dev set plus the members (editable)
+$(STAMP): requirements/dev.txt $(addsuffix /pyproject.toml,$(MEMBERS)) | $(BIN)/python
 	$(BIN)/pip install -q --disable-pip-version-check --require-hashes -r requirements/dev.txt
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation $(addprefix -e ,$(MEMBERS))
+	touch $@
 
-run: ## echo on loopback: raw 7000, framed 7001, metrics 9700
+install: $(STAMP) ## venv with the pinned, hashed dev set plus the members (editable); only when stale
+
+run: $(STAMP) ## echo on loopback: raw 7000, framed 7001, metrics 9700 (makes the venv first)
 	env WIREKIT_ECHO_HOST=127.0.0.1 $(BIN)/wirekit-echo
 
-test: ## the whole suite (what .ci/run calls)
+check: ## everything CI checks, on a fresh Debian 12 machine: installs what it needs, then lint, images, tests
+	bash .ci/check
+
+test: $(STAMP) ## the whole suite, quickly (integration tests skip without Docker unless CI is set)
 	$(BIN)/pytest
 
-lint: ## ruff, ruff format --check, mypy --strict
+lint: $(STAMP) ## ruff, ruff format --check, mypy --strict
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-fmt:
+fmt: $(STAMP) ## ruff --fix, ruff format
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-bench: ## the benchmark matrix (~15 min, loopback): bench/results/latest.{md,json}, throughput.png
+bench: $(STAMP) ## the benchmark matrix (~15 min, loopback): bench/results/latest.{md,json}, throughput.png
 	command -v xinetd >/dev/null && command -v sshd >/dev/null || \
 	  apt-get install -y -qq --no-install-recommends xinetd openssh-server openssh-client >/dev/null
 	$(BIN)/pip install -q --disable-pip-version-check --require-hashes -r requirements/bench.txt
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
-soak: ## 1,000 concurrent framed connections x 20 random frames, twice, byte-exact; RSS and fds (bench/soak.py)
+soak: $(STAMP) ## 1,000 concurrent framed connections x 20 random frames, twice, byte-exact; RSS and fds (bench/soak.py)
 	$(BIN)/python bench/soak.py $(SOAK_ARGS)
 
 lock: ## re-pin requirements/*.txt with hashes (needs uv; records no index URLs)
@@ -84,5 +97,5 @@ endif
 down: ## stop the stack (give OFFLINE=1 if it was started so); its data volume stays
 	IMAGE_TAG=$(IMAGE_TAG) $(STACK) down
 
-clean:
+clean: ## remove the venv, the wheelhouse and caches
 	rm -rf $(VENV) wheelhouse .mypy_cache .pytest_cache .ruff_cache .hypothesis
