@@ -26,16 +26,9 @@ import urllib.request
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
+from run import rss_kib  # bench/run.py, beside this script
 
 from wirekit_framing import encode_many, read_frame
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
 
 
 def open_fds(pid: int) -> int:

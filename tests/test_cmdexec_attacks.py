@@ -15,7 +15,6 @@ import socket
 import struct
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +22,8 @@ from typing import Any
 
 import docker
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from testcontainers.core.container import DockerContainer
-from wirekit_testkit import hardened, wait_until
+from wirekit_testkit import hardened, scrape, wait_until
 
 from wirekit_cmdexec.messages import Exit, Kind, decode
 from wirekit_framing import encode, recv_frame
@@ -63,13 +61,7 @@ class Server:
     sockets: list[socket.socket] = field(default_factory=list)  # the current row's
 
     def metric(self, name: str, **labels: str) -> float:
-        with urllib.request.urlopen(f"http://{self.ip}:9710/metrics", timeout=5) as resp:
-            text = resp.read().decode()
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name and sample.labels == labels:
-                    return float(sample.value)
-        return 0.0
+        return scrape(f"http://{self.ip}:9710/metrics", name, **labels)
 
     def processes(self) -> list[str]:
         """Every process in the container (from the host: `docker top`)."""
@@ -83,14 +75,14 @@ class Server:
         return fresh
 
 
-@pytest.fixture(scope="module")
-def server(images: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    secrets = tmp_path_factory.mktemp("secrets")
+@contextlib.contextmanager
+def cmdexec_container(image: str, secrets: Path, **settings: str) -> Iterator[Server]:
+    """The image, hardened, its token a secret file, with ``settings``; ready when it yields."""
     secrets.chmod(0o755)  # readable by the image's user
     (secrets / "wirekit_cmdexec_token").write_text(TOKEN + "\n")
     (secrets / "wirekit_cmdexec_token").chmod(0o644)
     container = hardened(
-        images["cmdexec"], **{f"WIREKIT_CMDEXEC_{k}": v for k, v in SETTINGS.items()}
+        image, **{f"WIREKIT_CMDEXEC_{k}": v for k, v in settings.items()}
     ).with_volume_mapping(str(secrets), "/run/secrets", "ro")
     container.start()
     try:
@@ -101,7 +93,16 @@ def server(images: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> 
             raise AssertionError(container.get_wrapped_container().logs().decode()) from None
         yield srv
     finally:
-        container.stop()
+        with contextlib.suppress(docker.errors.NotFound):
+            container.stop()
+
+
+@pytest.fixture(scope="module")
+def server(images: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with cmdexec_container(
+        images["cmdexec"], tmp_path_factory.mktemp("secrets"), **SETTINGS
+    ) as srv:
+        yield srv
 
 
 def _ip(container: DockerContainer) -> str:
@@ -691,19 +692,10 @@ def test_containment_check_can_fail(server: Server) -> None:
 def test_failed_logins_are_rate_limited_per_source(images: dict[str, str], tmp_path: Path) -> None:
     """200 wrong tokens were answered in 1.1 s. Now a source gets 3 tries, then every attempt
     is refused without looking at the token -- the right one included -- until it has waited."""
-    tmp_path.chmod(0o755)
-    (tmp_path / "wirekit_cmdexec_token").write_text(TOKEN)
-    (tmp_path / "wirekit_cmdexec_token").chmod(0o644)
-    container = hardened(
-        images["cmdexec"],
-        WIREKIT_CMDEXEC_AUTH_FAILURE_DELAY_S="0",
-        WIREKIT_CMDEXEC_AUTH_FAILURE_BURST_PER_SOURCE="3",
-        WIREKIT_CMDEXEC_AUTH_FAILURE_RATE_PER_SOURCE="0.5",
-    ).with_volume_mapping(str(tmp_path), "/run/secrets", "ro")
-    container.start()
-    try:
-        srv = Server(container, _ip(container))
-        wait_until(lambda: _answers(srv), 30, "cmdexec in the container")
+    with cmdexec_container(
+        images["cmdexec"], tmp_path, AUTH_FAILURE_DELAY_S="0",
+        AUTH_FAILURE_BURST_PER_SOURCE="3", AUTH_FAILURE_RATE_PER_SOURCE="0.5",
+    ) as srv:  # fmt: skip
         for _ in range(3):
             refused_before_auth(frame(Kind.AUTH, {"token": "guess"}))(srv)
         refused_before_auth(AUTH)(srv)  # limited: even the right token is refused
@@ -712,8 +704,6 @@ def test_failed_logins_are_rate_limited_per_source(images: dict[str, str], tmp_p
         assert any('"rate_limited"' in line and '"peer"' in line for line in srv.new_log())
         time.sleep(2.2)  # one attempt regained
         Session(srv).send(AUTH).works().close()
-    finally:
-        container.stop()
 
 
 def test_docker_stop_during_runs_finishes_them_then_exits_zero(
@@ -721,19 +711,10 @@ def test_docker_stop_during_runs_finishes_them_then_exits_zero(
 ) -> None:
     """Shutdown during runs: a short command finishes and gets its EXIT; a long one is killed
     at the drain deadline; no traceback; exit status 0."""
-    tmp_path.chmod(0o755)
-    (tmp_path / "wirekit_cmdexec_token").write_text(TOKEN)
-    (tmp_path / "wirekit_cmdexec_token").chmod(0o644)
-    container = hardened(
-        images["cmdexec"],
-        WIREKIT_CMDEXEC_ALLOW='["sh", "sleep", "true"]',
-        WIREKIT_CMDEXEC_TIMEOUT_DRAIN_S="3",
-    ).with_volume_mapping(str(tmp_path), "/run/secrets", "ro")
-    container.start()
-    wrapped = container.get_wrapped_container()
-    try:
-        srv = Server(container, _ip(container))
-        wait_until(lambda: _answers(srv), 30, "cmdexec in the container")
+    with cmdexec_container(
+        images["cmdexec"], tmp_path, ALLOW='["sh", "sleep", "true"]', TIMEOUT_DRAIN_S="3"
+    ) as srv:
+        wrapped = srv.container.get_wrapped_container()
         short = Session(srv).send(AUTH, exec_(["sh", "-c", "echo up; sleep 1; echo done"]))
         long = Session(srv).send(AUTH, exec_(["sh", "-c", "echo up; sleep 60"]))
         idle = Session(srv).send(AUTH)
@@ -751,6 +732,3 @@ def test_docker_stop_during_runs_finishes_them_then_exits_zero(
         log = wrapped.logs().decode()
         assert "Traceback" not in log
         assert '"level": "ERROR"' not in log
-    finally:
-        with contextlib.suppress(docker.errors.NotFound):
-            container.stop()

@@ -212,6 +212,35 @@ def otlp_value(value: AnyValue) -> object:
     return getattr(value, value.WhichOneof("value") or "string_value")
 
 
+def scrape(url: str, name: str, **labels: str) -> float:
+    """One sample of the /metrics at ``url`` now (0 when the series does not exist yet)."""
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        text = resp.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return 0.0
+
+
+def child_processes(parent: int | None = None) -> list[tuple[int, bytes, bytes]]:
+    """(pid, state, name) of the direct children of ``parent`` (this process by default)."""
+    parent = os.getpid() if parent is None else parent
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    raw = f.read()
+            except OSError:
+                continue
+            name = raw[raw.index(b"(") + 1 : raw.rindex(b")")]
+            fields = raw.rsplit(b")", 1)[1].split()
+            if int(fields[1]) == parent:
+                out.append((int(entry), fields[0], name))
+    return out
+
+
 @dataclass
 class ServiceProcess:
     popen: subprocess.Popen[str]
@@ -223,13 +252,7 @@ class ServiceProcess:
 
     def value(self, name: str, **labels: str) -> float:
         """A sample of its /metrics now (0 when the series does not exist yet)."""
-        with urllib.request.urlopen(self.url("/metrics"), timeout=5) as resp:
-            text = resp.read().decode()
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name and sample.labels == labels:
-                    return float(sample.value)
-        return 0.0
+        return scrape(self.url("/metrics"), name, **labels)
 
     def wait_value(self, name: str, value: float, limit_s: float = 10.0, **labels: str) -> None:
         wait_until(lambda: self.value(name, **labels) == value, limit_s, f"{name}{labels}={value}")

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import socket
 import struct
 import time
 from typing import Any
 
 import pytest
+from wirekit_testkit import child_processes
 
 from wirekit_cmdexec.messages import Kind, decode
 from wirekit_framing import encode, recv_frame
@@ -113,7 +113,7 @@ async def test_a_setsid_daemon_does_not_outlive_its_command(start_cmdexec: Any) 
     async with start_cmdexec(allow=["sh", "setsid", "sleep"]) as h:
         res = await h.run(["sh", "-c", "setsid -f sleep 600 >/dev/null 2>&1; echo $$"])
         assert res.exit.code == 0
-        left = [pid for pid in _children() if _name(pid) == b"sleep"]
+        left = [pid for pid, _, name in child_processes() if name == b"sleep"]
         assert left == []
         assert h.value("cmdexec_processes_killed_total") >= 1
 
@@ -167,25 +167,3 @@ async def test_stop_during_runs_logs_no_traceback(start_cmdexec: Any) -> None:
         with pytest.raises(ConnectionError):
             await asyncio.wait_for(running, 10)
         client.sock.close()
-
-
-def _children() -> list[int]:
-    me = os.getpid()
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as f:
-                    if int(f.read().rsplit(b")", 1)[1].split()[1]) == me:
-                        out.append(int(entry))
-            except OSError:
-                continue
-    return out
-
-
-def _name(pid: int) -> bytes:
-    try:
-        with open(f"/proc/{pid}/comm", "rb") as f:
-            return f.read().strip()
-    except OSError:
-        return b""

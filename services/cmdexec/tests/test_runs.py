@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import pytest
+from wirekit_testkit import child_processes
 
 from wirekit_cmdexec.client import EXIT_TIMEOUT, RemoteError, exit_status
 from wirekit_cmdexec.messages import Exec, Exit, Kind, encode_json
@@ -255,29 +256,12 @@ def _alive(pid: int) -> bool:
     return state != b"Z"
 
 
-def _proc_children() -> list[tuple[int, bytes, bytes]]:
-    me = os.getpid()
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as f:
-                    raw = f.read()
-            except OSError:
-                continue
-            name = raw[raw.index(b"(") + 1 : raw.rindex(b")")]
-            fields = raw.rsplit(b")", 1)[1].split()
-            if int(fields[1]) == me:
-                out.append((int(entry), fields[0], name))
-    return out
-
-
 def _zombie_children() -> list[int]:
-    return [pid for pid, state, _ in _proc_children() if state == b"Z"]
+    return [pid for pid, state, _ in child_processes() if state == b"Z"]
 
 
 def _children_named(name: bytes) -> list[int]:
-    return [pid for pid, _, n in _proc_children() if n == name]
+    return [pid for pid, _, n in child_processes() if n == name]
 
 
 async def _until(predicate: Any, limit_s: float = 10) -> None:
