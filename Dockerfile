@@ -41,7 +41,7 @@ USER 10001:10001
 LABEL org.opencontainers.image.vendor="wirekit"
 
 FROM runtime AS echo
-ARG VERSION=0.1.0
+ARG VERSION
 ENV WIREKIT_ECHO_HOST=0.0.0.0
 EXPOSE 7000/tcp 7001/tcp 9700/tcp
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
@@ -53,7 +53,7 @@ STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/bin/tini", "--", "wirekit-echo"]
 
 FROM runtime AS cmdexec
-ARG VERSION=0.1.0
+ARG VERSION
 # Commands run as the image's non-root user, with a minimal environment, in the read-only root.
 ENV WIREKIT_CMDEXEC_HOST=0.0.0.0
 EXPOSE 7100/tcp 9710/tcp
@@ -66,7 +66,7 @@ STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/bin/tini", "--", "wirekit-cmdexec"]
 
 FROM runtime AS udp
-ARG VERSION=0.1.0
+ARG VERSION
 ENV WIREKIT_UDP_HOST=0.0.0.0
 EXPOSE 7200/udp 9720/tcp
 # The health endpoint answers only while the UDP endpoint is bound and serving.

@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 MEMBERS := shared/framing shared/servicekit services/echo services/cmdexec services/udp
 
 SERVICES    := echo cmdexec udp
-VERSION     := 0.1.0
+VERSION     := $(shell cat VERSION)
 IMAGE_TAG   ?= $(VERSION)
 LOCAL_BASE  ?= wirekit-base:local
 # `make up OFFLINE=1`: the compose stack on a machine without an image registry (local base,
@@ -32,7 +32,7 @@ help: ## this list
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
-$(STAMP): requirements/dev.txt $(addsuffix /pyproject.toml,$(MEMBERS)) | $(BIN)/python
+$(STAMP): requirements/dev.txt VERSION $(addsuffix /pyproject.toml,$(MEMBERS)) | $(BIN)/python
 	$(BIN)/pip install -q --disable-pip-version-check --require-hashes -r requirements/dev.txt
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation $(addprefix -e ,$(MEMBERS))
 	touch $@

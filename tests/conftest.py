@@ -23,7 +23,7 @@ import docker
 import pytest
 from docker.errors import DockerException, NotFound
 from testcontainers.core.container import DockerContainer
-from wirekit_testkit import OtlpReceiver, Prometheus, free_port, http_ok, tool, wait_until
+from wirekit_testkit import VERSION, OtlpReceiver, Prometheus, free_port, http_ok, tool, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICES = ("echo", "cmdexec", "udp")
@@ -64,7 +64,7 @@ def images(docker_client: docker.DockerClient) -> Iterator[dict[str, str]]:
             tag = f"wirekit-{service}:it-{run_id}"
             subprocess.run(
                 ["docker", "build", "-q", "--build-arg", f"BASE_IMAGE={BASE_IMAGE}",
-                 "--target", service, "-t", tag, "."],
+                 "--build-arg", f"VERSION={VERSION}", "--target", service, "-t", tag, "."],
                 cwd=ROOT, check=True, timeout=900, stdout=subprocess.DEVNULL,
             )  # fmt: skip
             built[service] = tag

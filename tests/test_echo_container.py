@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import docker
 import pytest
 from testcontainers.core.container import DockerContainer
-from wirekit_testkit import hardened, host_port, recv_exactly, wait_ready, wait_until
+from wirekit_testkit import VERSION, hardened, host_port, recv_exactly, wait_ready, wait_until
 
 from wirekit_framing import FramingError, recv_frame, send_frame
 
@@ -82,6 +82,9 @@ def test_container_is_hardened_and_reports_healthy(
     assert image.attrs["Config"]["Entrypoint"][:2] == ["/usr/bin/tini", "--"]
     labels = image.attrs["Config"]["Labels"]
     assert labels["org.opencontainers.image.title"] == "wirekit-echo"
+    assert labels["org.opencontainers.image.version"] == VERSION  # the VERSION file
+    _, out = wrapped.exec_run(["wirekit-echo", "--version"])
+    assert out.decode().strip() == f"wirekit-echo {VERSION}"
 
 
 def test_docker_stop_during_traffic_delivers_replies_and_exits_zero(

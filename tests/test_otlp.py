@@ -7,7 +7,15 @@ from collections.abc import Callable
 
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from testcontainers.core.container import DockerContainer
-from wirekit_testkit import OtlpReceiver, hardened, host_port, otlp_value, wait_ready, wait_until
+from wirekit_testkit import (
+    VERSION,
+    OtlpReceiver,
+    hardened,
+    host_port,
+    otlp_value,
+    wait_ready,
+    wait_until,
+)
 
 from wirekit_framing import recv_frame, send_frame
 
@@ -51,7 +59,7 @@ def test_connection_spans_arrive_over_otlp_with_service_name_and_attributes(
 
     resource, span = wait_until(framed_spans, 30, "the connection span over OTLP")[0]
     assert resource["service.name"] == "wirekit-echo"
-    assert resource["service.version"] == "0.1.0"
+    assert resource["service.version"] == VERSION
     assert span.kind == Span.SPAN_KIND_SERVER
     attrs = {kv.key: otlp_value(kv.value) for kv in span.attributes}
     assert attrs["network.transport"] == "tcp"

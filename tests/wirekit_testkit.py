@@ -30,6 +30,9 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from prometheus_client.parser import text_string_to_metric_families
 from testcontainers.core.container import DockerContainer
 
+#: The project's one version (the VERSION file; the images are labelled with it).
+VERSION = (Path(__file__).resolve().parents[1] / "VERSION").read_text().strip()
+
 
 def hardened(
     image: str, *ports: str, docker_kwargs: dict[str, Any] | None = None, **env: str

@@ -160,6 +160,7 @@ def test_metrics_move_and_pass_promtool() -> None:
         assert status == 200
         assert 'echo_received_bytes_total{mode="framed"} 38.0' in text
         assert "echo_frames_total 2.0" in text
+        assert "_created" not in text  # turned off once at start (process-wide)
         assert "process_resident_memory_bytes" in text
         check = subprocess.run(
             [promtool, "check", "metrics"], input=text, capture_output=True, text=True,

@@ -112,7 +112,6 @@ def test_metrics_server_health_readiness_and_metrics() -> None:
         assert status == 200
         assert "demo_things_total 3.0" in text
         assert "process_cpu_seconds_total" in text
-        assert "demo_things_created" not in text
         assert _get(base + "/")[0] == 404
     finally:
         server.stop()

@@ -1,3 +1,5 @@
 """wirekit_cmdexec: remote command execution over TCP, safe by default."""
 
-__version__ = "0.1.0"
+from ._version import __version__
+
+__all__ = ["__version__"]

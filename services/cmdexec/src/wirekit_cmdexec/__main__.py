@@ -19,7 +19,6 @@ from wirekit_servicekit import (
     ConnectionHub,
     ConnectionLimits,
     Listener,
-    load_settings,
     serve_service,
     service_main,
 )
@@ -166,8 +165,8 @@ async def serve(
     )  # fmt: skip
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    settings = load_settings(CmdexecSettings, argv)
+def refuse_unsafe_start(settings: CmdexecSettings) -> None:
+    """Before anything starts: no root unless meant; the token out of reach of commands."""
     if os.geteuid() == 0 and not settings.allow_root:
         print(
             "wirekit-cmdexec: refusing to run as root: commands would run as root and "
@@ -179,7 +178,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     # Same-user commands must not read the token from our /proc files (environ, mem).
     make_undumpable()
     os.environ.pop("WIREKIT_CMDEXEC_TOKEN", None)
-    service_main(CmdexecSettings, NAME, __version__, serve, argv, settings=settings)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    service_main(CmdexecSettings, NAME, __version__, serve, argv, check=refuse_unsafe_start)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from wirekit_framing import (
     IncompleteFrame,
     encode,
 )
-from wirekit_servicekit import ConnectionHub, ConnectionMetrics, HotCounter, reset
+from wirekit_servicekit import CloseReason, ConnectionHub, ConnectionMetrics, HotCounter, reset
 from wirekit_servicekit.lifecycle import source_key
 from wirekit_servicekit.ratelimit import SourceLimiter, TokenBucket
 
@@ -184,10 +184,10 @@ class Connection:
         if not self.running:
             self.writer.close()  # idle: nothing in flight; a command in progress may finish
 
-    def close_now(self, reason: str) -> None:
-        if reason == "idle_timeout" and self.running:
+    def close_now(self, reason: CloseReason) -> None:
+        if reason is CloseReason.IDLE_TIMEOUT and self.running:
             return  # a running command has its own timeout, and every write a deadline
-        if reason == "idle_timeout":
+        if reason is CloseReason.IDLE_TIMEOUT:
             self.writer.close()
         else:  # frame_timeout, shutdown: what the client sent is not all answered
             reset(self.writer.transport)  # type: ignore[arg-type]

@@ -47,11 +47,11 @@ class CmdexecSettings(TcpServiceSettings):
         "Unset: a strong one is generated and logged once.",
     )
     allow: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_ALLOW),
+        default=list(DEFAULT_ALLOW),
         description="Executables that may run: names (looked up in child_path) or absolute paths.",
     )
     arg_patterns: dict[str, str] = Field(
-        default_factory=lambda: dict(DEFAULT_ARG_PATTERNS),
+        default=dict(DEFAULT_ARG_PATTERNS),
         description="Per executable name: a regex every argument must match in full.",
     )
     allow_shell: bool = Field(
@@ -62,7 +62,7 @@ class CmdexecSettings(TcpServiceSettings):
         description="PATH of children, and where allow names resolve.",
     )
     child_env: dict[str, str] = Field(
-        default_factory=dict,
+        default={},
         description="Extra environment of children (besides PATH, LANG, HOME). Never the server's.",
     )
     workdir: str = Field("/", description="Working directory of children.")

@@ -1,3 +1,5 @@
 """wirekit_echo: TCP echo (RFC 862) in raw and length-framed modes."""
 
-__version__ = "0.1.0"
+from ._version import __version__
+
+__all__ = ["__version__"]

@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from wirekit_framing import MAX_WIRE_FRAME_SIZE, FrameDecoder, FrameTooLarge, encode_many
 from wirekit_servicekit import (
+    CloseReason,
     ConnectionHub,
     ConnectionLimits,
     ConnectionMetrics,
@@ -43,8 +44,7 @@ log = logging.getLogger(__name__)
 
 #: Error kinds counted in ``echo_errors_total{kind}`` (bounded label set).
 ERROR_KINDS = (
-    "frame_too_large", "incomplete_frame", "idle_timeout", "frame_timeout", "unanswered",
-    "reset", "shutdown",
+    "frame_too_large", "incomplete_frame", "unanswered", "reset", *CloseReason,
 )  # fmt: skip
 #: Drain: a connection is half-closed once everything it sent has been answered and it has sent
 #: nothing more for this long, so bytes already in flight from the client (sent before it could
@@ -196,18 +196,18 @@ class _EchoConnection(asyncio.Protocol):
         self.draining = True
         self._finish_if_answered()
 
-    def close_now(self, reason: str) -> None:
+    def close_now(self, reason: CloseReason) -> None:
         transport = self.transport
         assert transport is not None
         if self._error is not None:  # already ending: a reset waits for replies to be delivered
-            if reason == "shutdown" and not transport.is_closing():
+            if reason is CloseReason.SHUTDOWN and not transport.is_closing():
                 reset(transport)
             return
-        if reason == "shutdown" and not self._unanswered():
+        if reason is CloseReason.SHUTDOWN and not self._unanswered():
             transport.close()  # drain deadline, everything answered: a normal end (FIN)
             return
         self._fail(reason, f"closed: {reason}")
-        self._close(now=reason == "shutdown")
+        self._close(now=reason is CloseReason.SHUTDOWN)
 
     # -- helpers ----------------------------------------------------------------------------
     def _in_frame(self) -> int:

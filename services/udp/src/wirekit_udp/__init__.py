@@ -1,3 +1,5 @@
 """wirekit_udp: UDP echo (RFC 862) with defences against reflection and loops."""
 
-__version__ = "0.1.0"
+from ._version import __version__
+
+__all__ = ["__version__"]

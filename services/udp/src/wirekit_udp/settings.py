@@ -33,7 +33,7 @@ class UdpSettings(ServiceSettings):
         True, description="Drop datagrams from source ports below 1024 (as xinetd does)."
     )
     deny_ports: list[int] = Field(
-        default_factory=lambda: list(DEFAULT_DENY_PORTS),
+        default=list(DEFAULT_DENY_PORTS),
         description="Source ports always dropped (JSON list).",
     )
     deny_broadcast_multicast: bool = Field(

@@ -3,30 +3,73 @@
 Settings (:class:`ServiceSettings`), JSON logs (:func:`configure_logging`), metrics and the
 health endpoint (:class:`MetricsServer`), tracing from ``OTEL_*`` (:func:`setup_tracing`) and the
 server lifecycle (:func:`run`, :class:`ConnectionHub`).
+
+Imports are lazy (PEP 562): a client that needs only :mod:`wirekit_servicekit.cli` does not load
+pydantic, OpenTelemetry and prometheus_client with it.
 """
 
-from .app import Build, serve_service, service_main
-from .lifecycle import (
-    Background,
-    Connection,
-    ConnectionHub,
-    ConnectionLimits,
-    DatagramListener,
-    Listener,
-    install_event_loop_policy,
-    reset,
-    reset_when_delivered,
-    run,
-    unread_bytes,
-)
-from .logs import TraceContextFilter, configure_logging
-from .metrics import ConnectionMetrics, HotCounter, HotHistogram, MetricsServer, new_registry
-from .settings import ServiceSettings, SettingsLoadError, TcpServiceSettings, load_settings
-from .tracing import connection_span, setup_tracing
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .app import Build, serve_service, service_main
+    from .lifecycle import (
+        Background,
+        CloseReason,
+        Connection,
+        ConnectionHub,
+        ConnectionLimits,
+        DatagramListener,
+        Listener,
+        event_loop_factory,
+        reset,
+        reset_when_delivered,
+        run,
+        unread_bytes,
+    )
+    from .logs import TraceContextFilter, configure_logging
+    from .metrics import ConnectionMetrics, HotCounter, HotHistogram, MetricsServer, new_registry
+    from .settings import ServiceSettings, SettingsLoadError, TcpServiceSettings, load_settings
+    from .tracing import connection_span, setup_tracing
+
+#: Public name -> the private module that defines it.
+_EXPORTS = {
+    "Background": "lifecycle",
+    "Build": "app",
+    "CloseReason": "lifecycle",
+    "Connection": "lifecycle",
+    "ConnectionHub": "lifecycle",
+    "ConnectionLimits": "lifecycle",
+    "ConnectionMetrics": "metrics",
+    "DatagramListener": "lifecycle",
+    "HotCounter": "metrics",
+    "HotHistogram": "metrics",
+    "Listener": "lifecycle",
+    "MetricsServer": "metrics",
+    "ServiceSettings": "settings",
+    "SettingsLoadError": "settings",
+    "TcpServiceSettings": "settings",
+    "TraceContextFilter": "logs",
+    "configure_logging": "logs",
+    "connection_span": "tracing",
+    "event_loop_factory": "lifecycle",
+    "load_settings": "settings",
+    "new_registry": "metrics",
+    "reset": "lifecycle",
+    "reset_when_delivered": "lifecycle",
+    "run": "lifecycle",
+    "serve_service": "app",
+    "service_main": "app",
+    "setup_tracing": "tracing",
+    "unread_bytes": "lifecycle",
+}
 
 __all__ = [
     "Background",
     "Build",
+    "CloseReason",
     "Connection",
     "ConnectionHub",
     "ConnectionLimits",
@@ -42,7 +85,7 @@ __all__ = [
     "TraceContextFilter",
     "configure_logging",
     "connection_span",
-    "install_event_loop_policy",
+    "event_loop_factory",
     "load_settings",
     "new_registry",
     "reset",
@@ -53,3 +96,12 @@ __all__ = [
     "setup_tracing",
     "unread_bytes",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # once
+    return value

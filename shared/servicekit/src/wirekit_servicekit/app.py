@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NoReturn, TypeVar
 
 from opentelemetry.sdk.trace import TracerProvider
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, disable_created_metrics
 
-from .lifecycle import Part, install_event_loop_policy, run
+from .lifecycle import Part, event_loop_factory, run
 from .logs import configure_logging
 from .metrics import MetricsServer, new_registry
 from .settings import ServiceSettings, load_settings
@@ -64,14 +65,22 @@ def service_main(
     serve: Callable[[S], Coroutine[Any, Any, int]],
     argv: Sequence[str] | None = None,
     *,
-    settings: S | None = None,
+    check: Callable[[S], None] | None = None,
 ) -> NoReturn:
-    """The console script: load settings (exit 2 on bad ones; or take those already loaded),
-    JSON logs, loop, serve, exit."""
-    settings = settings if settings is not None else load_settings(settings_cls, argv)
+    """The console script: ``--version``; settings (exit 2 on bad ones); ``check`` (a service's
+    own refusals, before anything starts); JSON logs; the event loop; serve; exit."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--version" in args:
+        print(f"{name} {version}")
+        raise SystemExit(0)
+    settings = load_settings(settings_cls, args)
+    if check is not None:
+        check(settings)
     configure_logging(settings.log_level, name)
-    loop = install_event_loop_policy(settings.event_loop)
+    disable_created_metrics()  # type: ignore[no-untyped-call]  # process-wide: once, here
+    factory, loop = event_loop_factory(settings.event_loop)
     logging.getLogger(name.replace("-", "_")).info(
         f"starting {name}", extra={"version": version, "event_loop": loop}
     )
-    raise SystemExit(asyncio.run(serve(settings)))
+    with asyncio.Runner(loop_factory=factory) as runner:
+        raise SystemExit(runner.run(serve(settings)))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import fcntl
 import ipaddress
 import logging
@@ -39,13 +40,14 @@ from .settings import ServiceSettings, TcpServiceSettings
 __all__ = [
     "REJECT_REASONS",
     "Background",
+    "CloseReason",
     "Connection",
     "ConnectionHub",
     "ConnectionLimits",
     "DatagramListener",
     "Listener",
     "drain",
-    "install_event_loop_policy",
+    "event_loop_factory",
     "reset",
     "reset_when_delivered",
     "run",
@@ -65,6 +67,15 @@ _AFTER_CLOSE_S = 5.0
 REJECT_REASONS = ("limit", "per_source", "draining")
 
 
+class CloseReason(enum.StrEnum):
+    """Why the hub closes a connection: also the ``kind`` label a service counts it under, so
+    a service's label set is built from this enum and cannot miss one."""
+
+    IDLE_TIMEOUT = "idle_timeout"
+    FRAME_TIMEOUT = "frame_timeout"
+    SHUTDOWN = "shutdown"  # the drain deadline
+
+
 class Connection(Protocol):
     """What the hub needs of a protocol instance."""
 
@@ -77,8 +88,8 @@ class Connection(Protocol):
     def begin_drain(self) -> None:
         """Finish what is in flight, then close. Called once, when shutdown starts."""
 
-    def close_now(self, reason: str) -> None:
-        """Close at once (``idle_timeout``, ``frame_timeout``, ``shutdown``)."""
+    def close_now(self, reason: CloseReason) -> None:
+        """Close at once."""
 
 
 @dataclass(frozen=True)
@@ -200,16 +211,16 @@ class ConnectionHub:
     def sweep(self, now: float) -> None:
         """Close the connections past a deadline at ``now`` (a ``perf_counter`` time)."""
         idle_s, frame_s = self.limits.idle_s, self.limits.frame_s
-        late: list[tuple[Connection, str]] = []
+        late: list[tuple[Connection, CloseReason]] = []
         for conn, entry in self._connections.items():
             if conn.activity != entry.activity:
                 entry.activity, entry.seen = conn.activity, now
             elif now - entry.seen >= idle_s:
-                late.append((conn, "idle_timeout"))
+                late.append((conn, CloseReason.IDLE_TIMEOUT))
                 continue
             started = conn.frame_started
             if started and now - started >= frame_s:
-                late.append((conn, "frame_timeout"))
+                late.append((conn, CloseReason.FRAME_TIMEOUT))
         for conn, reason in late:
             conn.close_now(reason)
 
@@ -226,7 +237,7 @@ class ConnectionHub:
         """Close whatever is left (drain deadline or forced exit); return how many."""
         left = list(self._connections)
         for conn in left:
-            conn.close_now("shutdown")
+            conn.close_now(CloseReason.SHUTDOWN)
         return len(left)
 
     async def aclose(self) -> None:
@@ -368,8 +379,10 @@ class DatagramListener:
     factory: Callable[[], asyncio.DatagramProtocol]
 
 
-def install_event_loop_policy(choice: str) -> str:
-    """Use uvloop when asked (or on ``auto`` when installed). Returns the loop actually used."""
+def event_loop_factory(choice: str) -> tuple[Callable[[], asyncio.AbstractEventLoop] | None, str]:
+    """The loop to run on: uvloop when asked (or on ``auto`` when installed), else the standard
+    one (``None``: asyncio's default). For ``asyncio.Runner(loop_factory=...)``, as uvicorn does:
+    no process-wide event loop policy (deprecated from Python 3.14)."""
     if choice in ("auto", "uvloop"):
         try:
             import uvloop
@@ -377,10 +390,8 @@ def install_event_loop_policy(choice: str) -> str:
             if choice == "uvloop":
                 raise
         else:
-            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-            return "uvloop"
-    asyncio.set_event_loop_policy(None)
-    return "asyncio"
+            return uvloop.new_event_loop, "uvloop"
+    return None, "asyncio"
 
 
 Part = Listener | DatagramListener | Background

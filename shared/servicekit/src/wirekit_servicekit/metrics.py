@@ -22,7 +22,6 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    disable_created_metrics,
     make_wsgi_app,
 )
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
@@ -37,9 +36,9 @@ Environ = dict[str, Any]
 
 
 def new_registry(process_metrics: bool = True) -> CollectorRegistry:
-    """A registry of one's own; with the standard process/platform/GC collectors by default."""
-    # ``*_created`` series double the exposition and no dashboard uses them (process-wide switch).
-    disable_created_metrics()  # type: ignore[no-untyped-call]
+    """A registry of one's own; with the standard process/platform/GC collectors by default.
+    (The services turn off prometheus_client's ``*_created`` series once, at start: they double
+    the exposition and no dashboard uses them; see ``service_main``.)"""
     registry = CollectorRegistry(auto_describe=True)
     if process_metrics:
         for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
