@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -30,6 +31,8 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from prometheus_client.parser import text_string_to_metric_families
 from testcontainers.core.container import DockerContainer
 
+#: The token of the in-process cmdexec servers of the unit tests.
+CMDEXEC_TOKEN = "test-token-0123456789"
 #: The project's one version (the VERSION file; the images are labelled with it).
 VERSION = (Path(__file__).resolve().parents[1] / "VERSION").read_text().strip()
 
@@ -91,6 +94,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def http_get(url: str) -> tuple[int, str]:
+    """(status, body) of a GET, error statuses included."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
 
 
 def http_ok(url: str) -> bool:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from wirekit_testkit import CMDEXEC_TOKEN
 
 from wirekit_cmdexec.__main__ import serve
 from wirekit_cmdexec.client import CmdexecClient
@@ -18,7 +19,7 @@ from wirekit_cmdexec.messages import Exit
 from wirekit_cmdexec.settings import CmdexecSettings
 from wirekit_servicekit.testing import RunningService, running_service
 
-TOKEN = "test-token-0123456789"
+TOKEN = CMDEXEC_TOKEN
 #: Tests may run what they need to exercise the runner (sh, sleep, head, env...).
 TEST_ALLOW = ["echo", "true", "sh", "sleep", "head", "env", "cat", "ls", "yes"]
 

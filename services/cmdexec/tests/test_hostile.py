@@ -13,12 +13,12 @@ import time
 from typing import Any
 
 import pytest
-from wirekit_testkit import child_processes
+from wirekit_testkit import CMDEXEC_TOKEN, child_processes
 
 from wirekit_cmdexec.messages import Kind, decode
 from wirekit_framing import encode, recv_frame
 
-TOKEN = "test-token-0123456789"
+TOKEN = CMDEXEC_TOKEN
 
 
 def frame(kind: int, body: bytes | dict[str, Any] | None = None) -> bytes:

@@ -13,6 +13,7 @@ from wirekit_testkit import child_processes
 from wirekit_cmdexec.client import EXIT_TIMEOUT, RemoteError, exit_status
 from wirekit_cmdexec.messages import Exec, Exit, Kind, encode_json
 from wirekit_framing import recv_frame
+from wirekit_servicekit.testing import until
 
 
 @pytest.mark.parametrize(
@@ -118,7 +119,7 @@ async def test_client_disconnect_kills_the_command(cmdexec: Any) -> None:
     assert _alive(pid)
     sock.close()
     await _gone(pid)
-    await _until(lambda: cmdexec.value("cmdexec_runs_active") == 0)
+    await until(lambda: cmdexec.value("cmdexec_runs_active") == 0)
 
 
 async def test_signal_and_stdin_are_forwarded(cmdexec: Any) -> None:
@@ -168,7 +169,7 @@ async def test_a_thousand_timed_out_commands_leave_no_zombie(start_cmdexec: Any)
             asyncio.gather(*(asyncio.to_thread(batch, 250) for _ in range(4))), 300
         )
         assert sum(results) == 1000
-        await _until(lambda: not _zombie_children() and not _children_named(b"sleep"), 10)
+        await until(lambda: not _zombie_children() and not _children_named(b"sleep"), 10)
 
 
 async def test_the_child_sees_none_of_the_servers_environment(
@@ -188,7 +189,7 @@ async def test_concurrency_cap_answers_busy(start_cmdexec: Any) -> None:
         client = h.client()
         long_run = asyncio.ensure_future(asyncio.to_thread(
             h.run_sync, ["sleep", "30"], client=client))  # fmt: skip
-        await _until(lambda: h.value("cmdexec_runs_active") == 1)
+        await until(lambda: h.value("cmdexec_runs_active") == 1)
         with pytest.raises(RemoteError) as info:
             await h.run(["true"])
         assert info.value.code == "busy"
@@ -264,17 +265,9 @@ def _children_named(name: bytes) -> list[int]:
     return [pid for pid, _, n in child_processes() if n == name]
 
 
-async def _until(predicate: Any, limit_s: float = 10) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + limit_s
-    while not predicate():
-        assert loop.time() < end, "condition not reached in time"
-        await asyncio.sleep(0.02)
-
-
 async def _gone(pid: int) -> None:
     """The process is dead and reaped (not a zombie, not running)."""
-    await _until(lambda: not os.path.exists(f"/proc/{pid}"), 10)
+    await until(lambda: not os.path.exists(f"/proc/{pid}"), 10)
 
 
 async def test_resource_limits_are_applied_to_children(start_cmdexec: Any) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import hmac
 import json
 import struct
 import time
@@ -11,14 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import CollectorRegistry
+from wirekit_testkit import CMDEXEC_TOKEN
 
-from wirekit_cmdexec import protocol
+from wirekit_cmdexec.__main__ import build_context
 from wirekit_cmdexec.client import RemoteError
 from wirekit_cmdexec.messages import Auth, Exec, Kind, decode, encode_json
-from wirekit_cmdexec.settings import DEFAULT_ALLOW
+from wirekit_cmdexec.settings import DEFAULT_ALLOW, CmdexecSettings
 from wirekit_framing import encode, recv_frame
 
-TOKEN = "test-token-0123456789"
+TOKEN = CMDEXEC_TOKEN
 MARKER = Path("/tmp/wirekit-cmdexec-marker")
 
 
@@ -157,15 +160,15 @@ async def test_failed_auth_is_counted_delayed_and_closed(start_cmdexec: Any) -> 
 def test_token_comparison_is_constant_time_by_construction(monkeypatch: pytest.MonkeyPatch) -> None:
     """Whatever is offered, hmac.compare_digest sees two SHA-256 digests of equal length."""
     seen: list[tuple[int, int]] = []
-    real = protocol.hmac.compare_digest
+    real = hmac.compare_digest
 
     def spy(a: bytes, b: bytes) -> bool:
         seen.append((len(a), len(b)))
         return real(a, b)
 
-    monkeypatch.setattr(protocol.hmac, "compare_digest", spy)
-    svc = protocol.Service.__new__(protocol.Service)
-    svc.token_digest = hashlib.sha256(b"right").digest()
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    settings = CmdexecSettings(token="right", metrics_port=0)
+    svc = build_context(settings, CollectorRegistry(), TracerProvider())
     assert svc.token_ok("right")
     for offered in ("", "r", "righ", "wrong", "x" * 10_000):
         assert not svc.token_ok(offered)

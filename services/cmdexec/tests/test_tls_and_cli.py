@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from wirekit_testkit import OtlpReceiver, make_test_pki, service_process, wait_until
+from wirekit_testkit import CMDEXEC_TOKEN, OtlpReceiver, make_test_pki, service_process, wait_until
 
-TOKEN = "test-token-0123456789"
+TOKEN = CMDEXEC_TOKEN
 
 
 @pytest.fixture(scope="module")

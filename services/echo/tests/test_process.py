@@ -10,13 +10,11 @@ import struct
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
-from wirekit_testkit import ServiceProcess, service_process
+from wirekit_testkit import ServiceProcess, http_get, service_process
 
 from wirekit_framing import encode, recv_frame, send_frame
 
@@ -134,14 +132,6 @@ def test_help_lists_settings_and_their_variables() -> None:
         assert var in result.stdout
 
 
-def _get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
 def test_metrics_move_and_pass_promtool() -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
@@ -149,14 +139,14 @@ def test_metrics_move_and_pass_promtool() -> None:
             pytest.fail("promtool is missing (install Debian's prometheus package)")
         pytest.skip("promtool not installed")
     with echo_process() as proc:
-        assert _get(proc.url("/healthz"))[0] == 200
-        assert _get(proc.url("/readyz"))[0] == 200
-        assert _get(proc.url("/nope"))[0] == 404
+        assert http_get(proc.url("/healthz"))[0] == 200
+        assert http_get(proc.url("/readyz"))[0] == 200
+        assert http_get(proc.url("/nope"))[0] == 404
         with socket.create_connection(("127.0.0.1", proc.ports["framed"]), timeout=5) as s:
             for payload in (b"a" * 10, b"b" * 20):
                 send_frame(s, payload)
                 assert recv_frame(s) == payload
-        status, text = _get(proc.url("/metrics"))
+        status, text = http_get(proc.url("/metrics"))
         assert status == 200
         assert 'echo_received_bytes_total{mode="framed"} 38.0' in text
         assert "echo_frames_total 2.0" in text

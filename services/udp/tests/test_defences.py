@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry
 
 from wirekit_servicekit.ratelimit import SourceLimiter, TokenBucket
 from wirekit_udp.defences import is_broadcast_or_multicast
-from wirekit_udp.protocol import DropReporter, UdpEcho, UdpStats
+from wirekit_udp.protocol import UdpContext, UdpEcho, UdpMetrics
 from wirekit_udp.settings import UdpSettings
 
 
@@ -64,17 +64,15 @@ class FakeTransport:
         return None
 
 
-def _echo(**overrides: object) -> tuple[UdpEcho, FakeTransport, UdpStats]:
+def _echo(**overrides: object) -> tuple[UdpEcho, FakeTransport, UdpMetrics]:
     settings = UdpSettings(**overrides)  # type: ignore[arg-type]
-    limiter = SourceLimiter(
-        settings.rate_per_source, settings.burst_per_source, settings.limit_sources
+    ctx = UdpContext.build(
+        settings, CollectorRegistry(), TracerProvider().get_tracer("t"), clock=lambda: 0.0
     )
-    stats = UdpStats(CollectorRegistry(), limiter)
-    reporter = DropReporter(TracerProvider().get_tracer("t"), 1.0)
-    proto = UdpEcho(settings, stats, limiter, reporter, clock=lambda: 0.0)
+    proto = UdpEcho(ctx)
     transport = FakeTransport()
     proto.connection_made(transport)  # type: ignore[arg-type]
-    return proto, transport, stats
+    return proto, transport, ctx.metrics
 
 
 @pytest.mark.parametrize(

@@ -5,13 +5,12 @@ from __future__ import annotations
 import io
 import json
 import logging
-import urllib.error
-import urllib.request
+from collections.abc import Iterator
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from prometheus_client import Counter
+from wirekit_testkit import OtlpReceiver, http_get
 
 from wirekit_servicekit import MetricsServer, configure_logging, new_registry, setup_tracing
 
@@ -46,55 +45,65 @@ def test_logs_are_json_with_trace_ids_inside_a_span(log_stream: io.StringIO) -> 
     assert second["span_id"] == format(ctx.span_id, "016x")
 
 
-def _processors(provider: TracerProvider) -> list[object]:
-    return list(provider._active_span_processor._span_processors)
+@pytest.fixture
+def receiver() -> Iterator[OtlpReceiver]:
+    """A real OTLP/HTTP receiver on loopback."""
+    rx = OtlpReceiver("127.0.0.1")
+    rx.thread.start()
+    yield rx
+    rx.server.shutdown()
+    rx.server.server_close()
 
 
-def test_tracing_without_endpoint_exports_nothing() -> None:
-    provider = setup_tracing("wirekit-demo", "1.0", environ={})
-    assert _processors(provider) == []
+_OTEL_VARS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+              "OTEL_TRACES_EXPORTER", "OTEL_SDK_DISABLED", "OTEL_SERVICE_NAME",
+              "OTEL_RESOURCE_ATTRIBUTES")  # fmt: skip
+
+
+def _export_one(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> TracerProvider:
+    """setup_tracing() as a service calls it, from this environment; one span, flushed."""
+    for var in _OTEL_VARS:
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    provider = setup_tracing("wirekit-demo", "1.0")
+    provider.get_tracer("t").start_span("probe").end()
+    assert provider.force_flush(10_000)
+    provider.shutdown()
+    return provider
+
+
+def test_tracing_without_endpoint_exports_nothing_and_names_the_service(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    provider = _export_one(monkeypatch, {})
     assert provider.resource.attributes["service.name"] == "wirekit-demo"
 
 
 @pytest.mark.parametrize(
     ("env", "exporting"),
     [
-        pytest.param({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"}, True, id="base"),
-        pytest.param(
-            {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:4318/v1/traces"}, True,
-            id="traces",
-        ),
-        pytest.param(
-            {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://x", "OTEL_TRACES_EXPORTER": "none"}, False,
-            id="exporter-none",
-        ),
-        pytest.param(
-            {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://x", "OTEL_SDK_DISABLED": "true"}, False,
-            id="sdk-disabled",
-        ),
+        pytest.param({"OTEL_EXPORTER_OTLP_ENDPOINT": "{base}"}, True, id="base"),
+        pytest.param({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "{base}/v1/traces"}, True,
+                     id="traces"),
+        pytest.param({"OTEL_EXPORTER_OTLP_ENDPOINT": "{base}", "OTEL_TRACES_EXPORTER": "none"},
+                     False, id="exporter-none"),
+        pytest.param({"OTEL_EXPORTER_OTLP_ENDPOINT": "{base}", "OTEL_SDK_DISABLED": "true"},
+                     False, id="sdk-disabled"),
     ],
 )  # fmt: skip
-def test_tracing_exports_when_configured(env: dict[str, str], exporting: bool) -> None:
-    provider = setup_tracing("wirekit-demo", "1.0", environ=env)
-    processors = _processors(provider)
-    assert len(processors) == (1 if exporting else 0)
-    if exporting:
-        assert isinstance(processors[0], BatchSpanProcessor)
-    provider.shutdown()
+def test_tracing_exports_over_otlp_when_configured(
+    monkeypatch: pytest.MonkeyPatch, receiver: OtlpReceiver, env: dict[str, str], exporting: bool
+) -> None:
+    _export_one(monkeypatch, {k: v.format(base=receiver.endpoint) for k, v in env.items()})
+    names = [span.name for _, span in receiver.spans()]
+    assert names == (["probe"] if exporting else [])
 
 
 def test_otel_service_name_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OTEL_SERVICE_NAME", "renamed")
     provider = setup_tracing("wirekit-demo", "1.0")
     assert provider.resource.attributes["service.name"] == "renamed"
-
-
-def _get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
 
 
 def test_metrics_server_health_readiness_and_metrics() -> None:
@@ -104,14 +113,14 @@ def test_metrics_server_health_readiness_and_metrics() -> None:
     server.start()
     try:
         base = f"http://127.0.0.1:{server.port}"
-        assert _get(base + "/healthz")[0] == 200
-        assert _get(base + "/readyz")[0] == 503
+        assert http_get(base + "/healthz")[0] == 200
+        assert http_get(base + "/readyz")[0] == 503
         server.ready = True
-        assert _get(base + "/readyz")[0] == 200
-        status, text = _get(base + "/metrics")
+        assert http_get(base + "/readyz")[0] == 200
+        status, text = http_get(base + "/metrics")
         assert status == 200
         assert "demo_things_total 3.0" in text
         assert "process_cpu_seconds_total" in text
-        assert _get(base + "/")[0] == 404
+        assert http_get(base + "/")[0] == 404
     finally:
         server.stop()

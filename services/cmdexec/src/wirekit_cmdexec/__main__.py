@@ -28,7 +28,7 @@ from wirekit_servicekit.ratelimit import SourceLimiter, TokenBucket
 from . import __version__
 from .containment import SWEEP_S, containment, make_undumpable
 from .policy import Policy
-from .protocol import AuthGuard, CmdexecMetrics, Service, handler
+from .protocol import AuthGuard, CmdexecContext, CmdexecMetrics, handler
 from .runner import RunLimits, Spawner
 from .settings import CmdexecSettings
 
@@ -52,9 +52,9 @@ def server_tls(settings: CmdexecSettings) -> ssl.SSLContext | None:
     return ctx
 
 
-def build_service(
+def build_context(
     settings: CmdexecSettings, registry: CollectorRegistry, provider: TracerProvider
-) -> Service:
+) -> CmdexecContext:
     if settings.token is not None and settings.token.get_secret_value():
         token = settings.token.get_secret_value()
     else:
@@ -79,7 +79,7 @@ def build_service(
                "containment": "session sweep as child subreaper" if box.subreaper
                else "process group only (not a subreaper: escaped processes survive)"},
     )  # fmt: skip
-    return Service(
+    return CmdexecContext(
         token_digest=hashlib.sha256(token.encode()).digest(),
         policy=policy,
         limits=RunLimits(
@@ -141,7 +141,7 @@ async def serve(
     use_pidfd_child_watcher()
 
     def build(registry: CollectorRegistry, provider: TracerProvider) -> list[Part]:
-        svc = build_service(settings, registry, provider)
+        svc = build_context(settings, registry, provider)
         callback = handler(svc)
 
         def factory() -> asyncio.StreamReaderProtocol:

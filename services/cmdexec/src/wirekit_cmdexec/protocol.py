@@ -129,7 +129,7 @@ class AuthGuard:
 
 
 @dataclass
-class Service:
+class CmdexecContext:
     """What every connection shares."""
 
     token_digest: bytes
@@ -165,7 +165,9 @@ class Service:
 class Connection:
     """Implements the hub's Connection protocol for one client."""
 
-    def __init__(self, svc: Service, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+    def __init__(
+        self, svc: CmdexecContext, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ):
         self.svc = svc
         self.reader = reader
         self.writer = writer
@@ -438,7 +440,7 @@ class Connection:
 
 
 def handler(
-    svc: Service,
+    svc: CmdexecContext,
 ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
     """The stream callback for accepted connections. It never raises: a bug is logged."""
 

@@ -9,6 +9,7 @@ from pydantic_settings import CliSuppress, SettingsConfigDict
 
 from wirekit_framing import DEFAULT_MAX_FRAME_SIZE, MAX_WIRE_FRAME_SIZE
 from wirekit_servicekit import TcpServiceSettings
+from wirekit_servicekit.settings import metrics_port_field
 
 #: Harmless, read-only commands (uptime: `cat /proc/uptime`; procps is not in slim images).
 #: `cat`, `ls`, `date`, `hostname` and `df` are limited by DEFAULT_ARG_PATTERNS.
@@ -33,9 +34,7 @@ class CmdexecSettings(TcpServiceSettings):
     cli_forbidden: ClassVar[frozenset[str]] = frozenset({"token"})
 
     port: int = Field(7100, ge=0, le=65535, description="TCP port for clients.")
-    metrics_port: int = Field(
-        9710, ge=0, le=65535, description="Port of /metrics, /healthz, /readyz."
-    )
+    metrics_port: int = metrics_port_field(9710)
     event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
         "asyncio",
         description="Event loop. asyncio by default: it spawns children ~3x faster (vfork).",

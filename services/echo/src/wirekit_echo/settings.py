@@ -9,6 +9,7 @@ from pydantic_settings import SettingsConfigDict
 
 from wirekit_framing import DEFAULT_MAX_FRAME_SIZE, MAX_WIRE_FRAME_SIZE
 from wirekit_servicekit import TcpServiceSettings
+from wirekit_servicekit.settings import metrics_port_field
 
 
 class EchoSettings(TcpServiceSettings):
@@ -20,9 +21,7 @@ class EchoSettings(TcpServiceSettings):
     mode: Literal["both", "raw", "framed"] = Field("both", description="Which listeners to open.")
     raw_port: int = Field(7000, ge=0, le=65535, description="Raw (RFC 862) echo port.")
     framed_port: int = Field(7001, ge=0, le=65535, description="Framed echo port.")
-    metrics_port: int = Field(
-        9700, ge=0, le=65535, description="Port of /metrics, /healthz, /readyz."
-    )
+    metrics_port: int = metrics_port_field(9700)
     max_frame_size: int = Field(
         DEFAULT_MAX_FRAME_SIZE,
         ge=0,

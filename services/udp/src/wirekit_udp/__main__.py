@@ -10,10 +10,9 @@ from prometheus_client import CollectorRegistry
 
 from wirekit_servicekit import Background, DatagramListener, serve_service, service_main
 from wirekit_servicekit.lifecycle import Part
-from wirekit_servicekit.ratelimit import SourceLimiter
 
 from . import __version__
-from .protocol import DropReporter, UdpEcho, UdpStats
+from .protocol import UdpContext, UdpEcho
 from .settings import UdpSettings
 
 NAME = "wirekit-udp"
@@ -29,26 +28,21 @@ async def serve(
     loop = asyncio.get_running_loop()
 
     def build(registry: CollectorRegistry, provider: TracerProvider) -> list[Part]:
-        limiter = SourceLimiter(settings.rate_per_source, settings.burst_per_source,
-                                settings.limit_sources)  # fmt: skip
-        stats = UdpStats(registry, limiter)
-        tracer = provider.get_tracer("wirekit_udp", __version__)
-        reporter = DropReporter(tracer, settings.report_interval_s)
+        ctx = UdpContext.build(
+            settings, registry, provider.get_tracer("wirekit_udp", __version__), loop.time
+        )
 
         async def flush_reports() -> None:
             """Drops not reported yet, every interval, and once more at shutdown."""
             try:
                 while True:
                     await asyncio.sleep(settings.report_interval_s)
-                    reporter.flush_all(loop.time())
+                    ctx.reporter.flush_all(loop.time())
             finally:
-                reporter.flush_all(loop.time())
-
-        def factory() -> UdpEcho:
-            return UdpEcho(settings, stats, limiter, reporter, loop.time)
+                ctx.reporter.flush_all(loop.time())
 
         return [
-            DatagramListener("udp", settings.host, settings.port, factory),
+            DatagramListener("udp", settings.host, settings.port, lambda: UdpEcho(ctx)),
             Background("drop reports", flush_reports),
         ]
 

@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Gauge
@@ -32,7 +33,7 @@ DROP_REASONS = (
 )  # fmt: skip
 
 
-class UdpStats:
+class UdpMetrics:
     """The service's metrics. Per-datagram ones are lock-free cells (see HotCounter)."""
 
     def __init__(self, registry: CollectorRegistry, limiter: SourceLimiter) -> None:
@@ -105,26 +106,65 @@ class DropReporter:
             self.flush(reason, now)
 
 
+@dataclass
+class UdpContext:
+    """What the endpoint's protocol uses: the defences' state, the metrics, the drop reporter
+    (one pattern with echo's and cmdexec's contexts)."""
+
+    metrics: UdpMetrics
+    limiter: SourceLimiter
+    reporter: DropReporter
+    global_bucket: TokenBucket
+    clock: Callable[[], float]
+    max_size: int
+    min_port: int
+    deny_ports: frozenset[int]
+    check_source: bool
+    buffers: tuple[int, int]  # receive, send
+
+    @classmethod
+    def build(
+        cls,
+        settings: UdpSettings,
+        registry: CollectorRegistry,
+        tracer: trace.Tracer,
+        clock: Callable[[], float],
+    ) -> UdpContext:
+        limiter = SourceLimiter(settings.rate_per_source, settings.burst_per_source,
+                                settings.limit_sources)  # fmt: skip
+        return cls(
+            metrics=UdpMetrics(registry, limiter),
+            limiter=limiter,
+            reporter=DropReporter(tracer, settings.report_interval_s),
+            global_bucket=TokenBucket(settings.rate_global, settings.burst_global, 0.0),
+            clock=clock,
+            max_size=settings.max_datagram_size,
+            min_port=1024 if settings.deny_privileged_ports else 0,
+            deny_ports=frozenset(settings.deny_ports),
+            check_source=settings.deny_broadcast_multicast,
+            buffers=(settings.receive_buffer_bytes, settings.send_buffer_bytes),
+        )
+
+
 class UdpEcho(asyncio.DatagramProtocol):
-    def __init__(self, settings: UdpSettings, stats: UdpStats, limiter: SourceLimiter,
-                 reporter: DropReporter, clock: Callable[[], float]) -> None:  # fmt: skip
-        self.stats = stats
-        self.limiter = limiter
-        self.reporter = reporter
-        self.max_size = settings.max_datagram_size
-        self.min_port = 1024 if settings.deny_privileged_ports else 0
-        self.deny_ports = frozenset(settings.deny_ports)
-        self.check_source = settings.deny_broadcast_multicast
-        self.global_bucket = TokenBucket(settings.rate_global, settings.burst_global, 0.0)
-        self.buffers = (settings.receive_buffer_bytes, settings.send_buffer_bytes)
+    def __init__(self, ctx: UdpContext) -> None:
+        self.ctx = ctx
+        self.stats = ctx.metrics
+        self.limiter = ctx.limiter
+        self.reporter = ctx.reporter
+        self.max_size = ctx.max_size
+        self.min_port = ctx.min_port
+        self.deny_ports = ctx.deny_ports
+        self.check_source = ctx.check_source
+        self.global_bucket = ctx.global_bucket
         self.transport: asyncio.DatagramTransport | None = None
-        self._time = clock
+        self._time = ctx.clock
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
         if sock is not None:  # a real socket (tests drive the protocol with a fake transport)
-            self.stats.socket.attach(sock, *self.buffers)
+            self.stats.socket.attach(sock, *self.ctx.buffers)
 
     def _send_empty(self, addr: tuple[str, int]) -> None:
         """asyncio's sendto() silently skips empty datagrams; RFC 862 echoes them too."""

@@ -6,6 +6,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from wirekit_servicekit import ServiceSettings
+from wirekit_servicekit.settings import metrics_port_field
 
 #: Source ports never answered even when privileged ports are allowed: echo (7) and chargen
 #: (19), the classic packet-storm pair; NFS (2049), as OpenBSD inetd does; 7200, a peer wirekit
@@ -21,9 +22,7 @@ class UdpSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="WIREKIT_UDP_", cli_prog_name="wirekit-udp")
 
     port: int = Field(7200, ge=0, le=65535, description="UDP port.")
-    metrics_port: int = Field(
-        9720, ge=0, le=65535, description="Port of /metrics, /healthz, /readyz."
-    )
+    metrics_port: int = metrics_port_field(9720)
     max_datagram_size: int = Field(
         1472, ge=0, le=65507,
         description="Largest datagram answered (bytes); larger ones are dropped. 1472 fits an "

@@ -23,7 +23,13 @@ from pydantic_settings import (
     SettingsError,
 )
 
-__all__ = ["ServiceSettings", "SettingsLoadError", "TcpServiceSettings", "load_settings"]
+__all__ = [
+    "ServiceSettings",
+    "SettingsLoadError",
+    "TcpServiceSettings",
+    "load_settings",
+    "metrics_port_field",
+]
 
 #: Where Docker (and Kubernetes, by convention) mounts secrets.
 DEFAULT_SECRETS_DIR = "/run/secrets"
@@ -50,6 +56,11 @@ class FileEnvSettingsSource(EnvSettingsSource):
         return None, field_name, False
 
 
+def metrics_port_field(default: int) -> Any:
+    """The ``metrics_port`` field with a service's own default port (the rest written once)."""
+    return Field(default, ge=0, le=65535, description="Port of /metrics, /healthz, /readyz.")
+
+
 class ServiceSettings(BaseSettings):
     """Settings every wirekit service has. Subclasses set ``env_prefix`` and ``cli_prog_name``."""
 
@@ -74,7 +85,7 @@ class ServiceSettings(BaseSettings):
     metrics_host: str | None = Field(
         None, description="Address of the metrics/health HTTP endpoint (default: host)."
     )
-    metrics_port: int = Field(0, ge=0, le=65535, description="Port of /metrics, /healthz, /readyz.")
+    metrics_port: int = metrics_port_field(0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Least severe level logged (JSON lines on stderr)."
     )

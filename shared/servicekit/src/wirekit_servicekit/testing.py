@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from .metrics import new_registry
 from .settings import ServiceSettings
 
-__all__ = ["RunningService", "running_service"]
+__all__ = ["RunningService", "running_service", "until"]
 
 S = TypeVar("S", bound=ServiceSettings)
 Serve = Callable[..., Coroutine[Any, Any, int]]
@@ -41,12 +41,17 @@ class RunningService(Generic[S]):
 
     async def wait_for(self, predicate: Callable[[], bool], limit_s: float = 5.0) -> None:
         """Poll ``predicate`` until true; fail (AssertionError) after ``limit_s`` seconds."""
-        loop = asyncio.get_running_loop()
-        end = loop.time() + limit_s
-        while not predicate():
-            if loop.time() > end:
-                raise AssertionError("condition not reached in time")
-            await asyncio.sleep(0.005)
+        await until(predicate, limit_s)
+
+
+async def until(predicate: Callable[[], bool], limit_s: float = 5.0) -> None:
+    """Poll ``predicate`` on the loop until true; fail (AssertionError) after ``limit_s``."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + limit_s
+    while not predicate():
+        if loop.time() > end:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.005)
 
 
 class _Problems(logging.Handler):
