@@ -20,7 +20,7 @@ COMPOSE     ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker co
 STACK_NAME  ?= wirekit
 STACK       := $(COMPOSE) -p $(STACK_NAME) -f deploy/compose.yaml $(if $(OFFLINE),-f deploy/compose.offline.yaml)
 
-.PHONY: help install run check test lint fmt lock clean wheelhouse images base-image up down bench soak
+.PHONY: help install run check test lint fmt lock clean wheelhouse images base-image up down bench soak mutants
 .DEFAULT_GOAL := help
 
 #: The virtualenv is up to date when this stamp is newer than the pins and the members' metadata.
@@ -65,6 +65,9 @@ bench: $(STAMP) ## the benchmark matrix (~15 min, loopback): bench/results/lates
 
 soak: $(STAMP) ## 1,000 concurrent framed connections x 20 random frames, twice, byte-exact; RSS and fds (bench/soak.py)
 	$(BIN)/python bench/soak.py $(SOAK_ARGS)
+
+mutants: $(STAMP) ## one mutation per module, each must make a test fail (tests/mutants.py; ~10 min)
+	$(BIN)/python tests/mutants.py
 
 lock: ## re-pin requirements/*.txt with hashes (needs uv; records no index URLs)
 	cd requirements && uv pip compile requirements.in --generate-hashes --no-header --python-version 3.11 -o runtime.txt -q

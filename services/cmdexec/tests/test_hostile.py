@@ -16,6 +16,7 @@ import pytest
 from wirekit_testkit import CMDEXEC_TOKEN, child_processes
 
 from wirekit_cmdexec.messages import Kind, decode
+from wirekit_cmdexec.runner import Spawner
 from wirekit_framing import encode, recv_frame
 
 TOKEN = CMDEXEC_TOKEN
@@ -94,18 +95,23 @@ async def test_a_disconnect_during_a_run_frees_its_slot(start_cmdexec: Any) -> N
 
 async def test_a_client_that_stops_reading_gives_its_run_back(start_cmdexec: Any) -> None:
     """Defect 4: clients that stopped reading while a command flooded stdout kept runs_active
-    up long after the command was killed (the EXIT write had no deadline)."""
+    up long after the command was killed (the EXIT write had no deadline). The clients here
+    stay connected, reading nothing: the write deadline alone frees the runs."""
     async with start_cmdexec(timeout_write_s=0.5, limit_runs=2, timeout_run_s=30) as h:
-
-        def stall() -> None:
-            with socket.create_connection(("127.0.0.1", h.port), timeout=10) as s:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-                s.sendall(AUTH + frame(Kind.EXEC, {"argv": ["yes"]}))
-                time.sleep(2.0)  # read nothing
-
-        await asyncio.gather(*(asyncio.to_thread(stall) for _ in range(2)))
-        await _settled(h)
-        assert (await h.run(["true"])).exit.code == 0  # not busy
+        socks = []
+        for _ in range(2):
+            s = socket.create_connection(("127.0.0.1", h.port), timeout=10)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.sendall(AUTH + frame(Kind.EXEC, {"argv": ["yes"]}))
+            socks.append(s)
+        try:
+            await h.wait_for(lambda: h.value("cmdexec_runs_active") == 2)
+            await _settled(h)  # while the clients are still connected
+            assert (await h.run(["true"])).exit.code == 0  # not busy
+            assert h.value("cmdexec_runs_total", result="aborted") == 2
+        finally:
+            for s in socks:
+                s.close()
 
 
 async def test_a_setsid_daemon_does_not_outlive_its_command(start_cmdexec: Any) -> None:
@@ -128,6 +134,17 @@ async def test_limits_are_in_force_before_the_first_instruction(start_cmdexec: A
             assert limits["Max processes"] == ["77", "77"]
             assert limits["Max cpu time"] == ["13", "13"]
             assert limits["Max address space"] == [str(1 << 30), str(1 << 30)]
+
+
+def test_commands_start_through_the_limits_wrapper() -> None:
+    """The mechanism behind defect 6's fix: the command line starts with util-linux's prlimit
+    (which sets the limits, then execs the command), so no instruction runs without them."""
+    spawner = Spawner({"nproc": 40, "cpu": 7})
+    argv = spawner.argv("/usr/bin/true", ("x",))
+    assert argv[0].endswith("/prlimit")
+    assert argv[1:] == ["--nproc=40:40", "--cpu=7:7", "--", "/usr/bin/true", "x"]
+    assert spawner.mode == "prlimit exec wrapper"
+    assert Spawner({}).argv("/usr/bin/true", ()) == ["/usr/bin/true"]
 
 
 async def test_an_absolute_path_on_the_allowlist_runs(start_cmdexec: Any) -> None:

@@ -63,6 +63,29 @@ ROWS = [
     pytest.param([_auth(), b'\x02{"args": ["ls"]}'], "bad_request", True, id="missing-argv"),
     pytest.param([_auth(), b'\x02{"argv": []}'], "bad_request", True, id="empty-argv"),
     pytest.param([_auth(), b"\x83{}"], "bad_request", True, id="server-kind-from-client"),
+    # Strict types: no coercion, no NaN or infinity.
+    pytest.param(
+        [_auth(), b'\x02{"argv": ["true"], "shell": "yes"}'],
+        "bad_request",
+        True,
+        id="shell-as-string",
+    ),
+    pytest.param(
+        [_auth(), b'\x02{"argv": ["true"], "stdin": 1}'], "bad_request", True, id="stdin-as-int"
+    ),
+    pytest.param(
+        [_auth(), b'\x02{"argv": ["true"], "timeout_s": "0.5"}'],
+        "bad_request",
+        True,
+        id="timeout-as-string",
+    ),
+    pytest.param(
+        [_auth(), b'\x02{"argv": ["true"], "timeout_s": NaN}'],
+        "bad_request",
+        True,
+        id="timeout-nan",
+    ),
+    pytest.param([b'\x01{"token": 12345}'], "unauthorized", True, id="token-as-number"),
     pytest.param([_auth(), b"\x04"], None, False, id="stray-stdin-eof-ignored"),
 ]
 

@@ -171,6 +171,24 @@ async def test_tricklers_from_one_address_cannot_deny_service_to_another(start_e
             writer.close()
 
 
+@pytest.mark.parametrize("mode", MODES)
+async def test_data_after_the_servers_end_of_stream_is_reset_and_counted(
+    start_echo: Any, mode: str
+) -> None:
+    """The drain half-closes a quiet connection; what the client sends after that FIN can
+    never be answered: a reset and `unanswered`, never a silent drop."""
+    async with start_echo(timeout_drain_s=10) as h:
+        reader, writer = await h.connect(mode)
+        message = encode(b"before") if mode == "framed" else b"before"
+        writer.write(message)
+        assert await asyncio.wait_for(reader.readexactly(len(message)), 5) == message
+        h.stop.set()  # the drain: quiet for 0.2 s, then the server's FIN
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.write(message)  # too late
+        await h.wait_for(lambda: h.value("echo_errors_total", mode=mode, kind="unanswered") == 1)
+        writer.close()
+
+
 # -- the drain under slow, pipelining readers -------------------------------------------------
 @dataclass
 class Pipeliner:

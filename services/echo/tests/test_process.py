@@ -9,12 +9,13 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
-from wirekit_testkit import ServiceProcess, http_get, service_process
+from wirekit_testkit import VERSION, ServiceProcess, http_get, service_process
 
 from wirekit_framing import encode, recv_frame, send_frame
 
@@ -198,3 +199,27 @@ def test_nc_echoes_in_raw_mode() -> None:
             capture_output=True, timeout=30, check=False,
         )  # fmt: skip
         assert res.stdout == b"hello, nc\n"
+
+
+def test_version_is_the_projects() -> None:
+    res = subprocess.run([sys.executable, "-m", "wirekit_echo", "--version"],
+                         capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
+    assert (res.returncode, res.stdout.strip()) == (0, f"wirekit-echo {VERSION}")
+
+
+def test_client_reports_an_echo_that_differs() -> None:
+    """A server that answers other bytes: the client says so and exits 1."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+
+        def liar() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                data = conn.recv(100)
+                conn.sendall(data.upper())
+
+        threading.Thread(target=liar, daemon=True).start()
+        res = _run_client("--port", str(listener.getsockname()[1]), "--message", "hello")
+    assert res.returncode == 1
+    assert b"different" in res.stderr

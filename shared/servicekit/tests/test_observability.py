@@ -12,7 +12,13 @@ from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import Counter
 from wirekit_testkit import OtlpReceiver, http_get
 
-from wirekit_servicekit import MetricsServer, configure_logging, new_registry, setup_tracing
+from wirekit_servicekit import (
+    MetricsServer,
+    configure_logging,
+    healthcheck,
+    new_registry,
+    setup_tracing,
+)
 
 
 @pytest.fixture
@@ -124,3 +130,19 @@ def test_metrics_server_health_readiness_and_metrics() -> None:
         assert http_get(base + "/")[0] == 404
     finally:
         server.stop()
+
+
+def test_the_image_healthcheck_follows_readyz(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`python -m wirekit_servicekit.healthcheck VAR DEFAULT`: 0 while /readyz answers 200."""
+    server = MetricsServer(new_registry(process_metrics=False), "127.0.0.1", 0)
+    server.start()
+    try:
+        monkeypatch.setenv("DEMO_METRICS_PORT", str(server.port))
+        assert healthcheck.main(["DEMO_METRICS_PORT", "1"]) == 1  # not ready yet
+        server.ready = True
+        assert healthcheck.main(["DEMO_METRICS_PORT", "1"]) == 0
+        monkeypatch.delenv("DEMO_METRICS_PORT")
+        assert healthcheck.main(["DEMO_METRICS_PORT", str(server.port)]) == 0  # the default
+    finally:
+        server.stop()
+    assert healthcheck.main(["DEMO_METRICS_PORT", str(server.port)]) == 1  # gone

@@ -1,0 +1,216 @@
+"""`make mutants`: one significant mutation per module of shared/ and services/*/src, each of
+which the tests must catch. A mutant is the source tree copied with one line changed (a check
+deleted or inverted, a bound moved); the tests named for it run with that copy first on
+PYTHONPATH (service processes started by the tests inherit it). A mutant the tests do not kill
+is a survivor: the table and the tests are for finding those.
+
+    python tests/mutants.py [--only NAME]   # prints a Markdown report; exit 1 on a survivor
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = [
+    "shared/framing/src", "shared/servicekit/src",
+    "services/echo/src", "services/cmdexec/src", "services/udp/src",
+]  # fmt: skip
+FW = "shared/framing/src/wirekit_framing/"
+SK = "shared/servicekit/src/wirekit_servicekit/"
+EC = "services/echo/src/wirekit_echo/"
+CX = "services/cmdexec/src/wirekit_cmdexec/"
+UD = "services/udp/src/wirekit_udp/"
+CODEC_T = "shared/framing/tests"
+ECHO_T = "services/echo/tests/test_echo.py services/echo/tests/test_hostile.py"
+CX_T = "services/cmdexec/tests"
+UDP_T = "services/udp/tests"
+SK_T = "shared/servicekit/tests"
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: str  # pytest arguments
+
+
+MUTANTS = [
+    # framing
+    Mutant("codec: oversize header accepted", FW + "_codec.py",
+           "        if n > limit:\n            return frames, pos, -2 - n",
+           "        if n > limit + 1:\n            return frames, pos, -2 - n", CODEC_T),
+    Mutant("codec: relay returns the pending header", FW + "_codec.py",
+           "                buf += memoryview(data)[end:]\n        self._need = need\n        return count, wire",
+           "                buf += memoryview(data)[end:]\n                wire = data\n        self._need = need\n        return count, wire",
+           CODEC_T),
+    Mutant("errors: frames before the error dropped", FW + "_errors.py",
+           "        self.frames = list(frames)", "        self.frames = []", CODEC_T),
+    Mutant("socket adapter: EOF mid-header is clean", FW + "_socket.py",
+           "            raise IncompleteFrame(missing=n - got, buffered=got_before + got)",
+           "            return buf", "shared/framing/tests"),
+    Mutant("asyncio adapter: no size check", FW + "_asyncio.py",
+           "    if size > max_frame_size:", "    if False:", "shared/framing/tests"),
+    # servicekit
+    Mutant("hub: per-source limit off by one", SK + "lifecycle.py",
+           "        elif from_source >= self.limits.per_source:",
+           "        elif from_source > self.limits.per_source:", ECHO_T + " -k tricklers"),
+    Mutant("hub: idle closes early", SK + "lifecycle.py",
+           "            elif now - entry.seen >= idle_s:",
+           "            elif now - entry.seen >= idle_s * 0.7:", ECHO_T + " -k idle"),
+    Mutant("hub: no frame deadline", SK + "lifecycle.py",
+           "            if started and now - started >= frame_s:", "            if False:",
+           ECHO_T + " -k trickle"),
+    Mutant("reset is a FIN", SK + "lifecycle.py",
+           "            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)",
+           "            pass", ECHO_T + " -k oversize"),
+    Mutant("ratelimit: a bucket never refills", SK + "ratelimit.py",
+           "        tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)",
+           "        tokens = self.tokens", UDP_T + "/test_defences.py"),
+    Mutant("settings: --token accepted on the command line", SK + "settings.py",
+           "            if any(a == flag or a.startswith(flag + \"=\") for a in args):",
+           "            if False:", CX_T + "/test_tls_and_cli.py -k token_flag"),
+    Mutant("logs: no trace id", SK + "logs.py",
+           "        if ctx.is_valid:", "        if False:", SK_T),
+    Mutant("metrics: /readyz always ready", SK + "metrics.py",
+           "            if self.ready:", "            if True:", SK_T),
+    Mutant("tracing: exporter never added", SK + "tracing.py",
+           "        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))",
+           "        pass", SK_T),
+    Mutant("healthcheck: the port variable ignored", SK + "healthcheck.py",
+           "    port = os.environ.get(args[0]) or args[1]", "    port = args[1]", SK_T),
+    Mutant("cli: quit does not end", SK + "cli.py",
+           '        if text.strip() == "quit":', "        if False:",
+           "services/echo/tests/test_process.py -k client"),
+    Mutant("app: --version ignored", SK + "app.py",
+           '    if "--version" in args:', "    if False:",
+           "services/echo/tests/test_process.py -k version"),
+    Mutant("testing harness: ERROR logs ignored", SK + "testing.py",
+           "        if record.levelno >= logging.ERROR or record.exc_info:",
+           "        if False:", SK_T),
+    # echo
+    Mutant("echo: replies re-encoded from the read", EC + "protocol.py",
+           "            self._reply(count, out, start)", "            self._reply(count, data, start)",
+           "services/echo/tests/test_model.py -k framed_replies"),
+    Mutant("echo: the drain does not see unread data", SK + "lifecycle.py",
+           "    return _queue_bytes(transport, termios.FIONREAD)", "    return 0",
+           "services/echo/tests/test_hostile.py -k sigterm"),
+    Mutant("echo: data after FIN silently dropped", EC + "protocol.py",
+           '            self._fail("unanswered", f"{n} bytes arrived after the server\'s end of stream")\n            self._close(lost=True)',
+           "            pass", "services/echo/tests/test_hostile.py -k after_the_servers"),
+    Mutant("echo settings: default per-source limit unbounded", EC + "settings.py",
+           "class EchoSettings(TcpServiceSettings):",
+           "class EchoSettings(TcpServiceSettings):\n    limit_connections_per_source: int = 10**9",
+           "tests/test_readme.py"),
+    Mutant("echo client: mismatch not detected", EC + "client.py",
+           "        if reply != payload:", "        if False:",
+           "services/echo/tests/test_process.py -k client"),
+    # cmdexec
+    Mutant("cmdexec: any kind accepted before AUTH", CX + "protocol.py",
+           "        if kind is not Kind.AUTH:", "        if False:", CX_T + "/test_hostile.py"),
+    Mutant("cmdexec: no write deadline", CX + "protocol.py",
+           "            async with asyncio.timeout(self.svc.timeout_write_s):",
+           "            async with asyncio.timeout(None):", CX_T + "/test_hostile.py -k reading"),
+    Mutant("cmdexec: EXEC size unchecked", CX + "protocol.py",
+           "        if frame[:1] == _KIND_BYTE[Kind.EXEC] and len(frame) > self.svc.limit_exec_bytes:",
+           "        if False:", CX_T + "/test_security.py"),
+    Mutant("cmdexec: lax types", CX + "messages.py",
+           "strict=True, allow_inf_nan=False)", "strict=False, allow_inf_nan=True)",
+           CX_T + "/test_security.py"),
+    Mutant("cmdexec: argument patterns not applied", CX + "policy.py",
+           "                if not pattern.fullmatch(arg):", "                if False:",
+           CX_T + "/test_security.py"),
+    Mutant("cmdexec: no exec wrapper", CX + "runner.py",
+           '        if wrapper:\n            self.prefix =', '        if False:\n            self.prefix =',
+           CX_T + "/test_hostile.py -k limits"),
+    Mutant("cmdexec: output cap does not end", CX + "runner.py",
+           '                if limits.output_action == "end":', "                if False:",
+           CX_T + "/test_runs.py -k output_cap"),
+    Mutant("cmdexec: escapes left alone", CX + "containment.py",
+           "            if session == self.own_session or session in self.live:",
+           "            if True:", CX_T + "/test_hostile.py -k setsid"),
+    Mutant("cmdexec errors: forbidden closes", CX + "errors.py",
+           "    code = ErrorCode.FORBIDDEN\n    closes = False",
+           "    code = ErrorCode.FORBIDDEN\n    closes = True", CX_T + "/test_security.py"),
+    Mutant("cmdexec settings: shell on by default", CX + "settings.py",
+           "        False, description=\"Allow EXEC with shell=true",
+           "        True, description=\"Allow EXEC with shell=true", CX_T + "/test_security.py"),
+    Mutant("cmdexec main: root not refused", CX + "__main__.py",
+           "    if os.geteuid() == 0 and not settings.allow_root:", "    if False:",
+           CX_T + "/test_tls_and_cli.py -k root"),
+    Mutant("cmdexec client: timeout status lost", CX + "client.py",
+           "    if result.timed_out:\n        return EXIT_TIMEOUT", "    if False:\n        return EXIT_TIMEOUT",
+           CX_T + "/test_runs.py"),
+    # udp
+    Mutant("udp: privileged source ports answered", UD + "protocol.py",
+           "        elif port < self.min_port:", "        elif False:", UDP_T),
+    Mutant("udp: broadcast sources answered", UD + "defences.py",
+           "    return addr.is_multicast or addr.is_unspecified", "    return False", UDP_T),
+    Mutant("udp: kernel drops not found", UD + "kernel.py",
+           "                    if len(fields) > 12 and fields[9] == wanted:", "                    if False:",
+           UDP_T + "/test_udp.py -k burst"),
+    Mutant("udp settings: small receive buffer", UD + "settings.py",
+           "        4 * 1024 * 1024, ge=4096,", "        64 * 1024, ge=4096,",
+           UDP_T + "/test_udp.py -k burst"),
+    Mutant("udp client: a lost datagram not reported", UD + "client.py",
+           "        if reply is None:\n            failures += 1",
+           "        if reply is None:\n            failures += 0", UDP_T),
+]  # fmt: skip
+
+
+def run(mutant: Mutant, workdir: Path) -> tuple[bool, float, str]:
+    """Apply ``mutant`` to a fresh copy of the sources and run its tests: (killed, s, tail)."""
+    tree = workdir / "src"
+    if tree.exists():
+        shutil.rmtree(tree)
+    for src in SRC:
+        shutil.copytree(ROOT / src, tree / src)
+    target = tree / mutant.path
+    text = target.read_text()
+    if text.count(mutant.old) != 1:
+        return False, 0.0, f"the line to mutate is not found once in {mutant.path}"
+    target.write_text(text.replace(mutant.old, mutant.new))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(tree / s) for s in SRC),
+           "PYTHONDONTWRITEBYTECODE": "1"}  # fmt: skip
+    started = time.monotonic()
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+         "-p", "no:randomly", *mutant.tests.split()],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False,
+    )  # fmt: skip
+    tail = (res.stdout.strip().splitlines() or [""])[-1]
+    return res.returncode != 0, time.monotonic() - started, tail
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--only", help="run the mutants whose name contains this")
+    args = p.parse_args()
+    chosen = [m for m in MUTANTS if not args.only or args.only in m.name]
+    lines = ["| mutant | module | killed | tests | s |", "|---|---|---|---|---|"]
+    survivors = 0
+    with tempfile.TemporaryDirectory(prefix="wirekit-mutants-") as tmp:
+        for mutant in chosen:
+            killed, seconds, tail = run(mutant, Path(tmp))
+            survivors += not killed
+            lines.append(f"| {mutant.name} | `{mutant.path.rsplit('/', 1)[1]}` | "
+                         f"{'yes' if killed else '**no**: ' + tail} | `{mutant.tests}` | "
+                         f"{seconds:.0f} |")  # fmt: skip
+            print(lines[-1], file=sys.stderr, flush=True)
+    print("\n".join(lines))
+    print(f"\n{len(chosen) - survivors} of {len(chosen)} mutants killed.")
+    raise SystemExit(1 if survivors else 0)
+
+
+if __name__ == "__main__":
+    main()
