@@ -48,10 +48,13 @@ check: ## everything CI checks, on a fresh Debian 12 machine: installs what it n
 test: $(STAMP) ## the whole suite, quickly (integration tests skip without Docker unless CI is set)
 	$(BIN)/pytest
 
-lint: $(STAMP) ## ruff, ruff format --check, mypy --strict
+TEST_DIRS := $(addsuffix /tests,$(MEMBERS)) tests
+
+lint: $(STAMP) ## ruff, ruff format --check, mypy --strict (the packages, then each test folder)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	for d in $(TEST_DIRS); do MYPYPATH=tests $(BIN)/mypy --explicit-package-bases $$d/*.py || exit 1; done
 
 fmt: $(STAMP) ## ruff --fix, ruff format
 	$(BIN)/ruff check --fix .

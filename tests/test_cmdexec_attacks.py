@@ -67,10 +67,10 @@ class Server:
         """Every process in the container (from the host: `docker top`)."""
         top = self.container.get_wrapped_container().top()
         cmd = top["Titles"].index("CMD")
-        return [row[cmd] for row in top["Processes"]]
+        return [str(row[cmd]) for row in top["Processes"]]
 
     def new_log(self) -> list[str]:
-        lines = self.container.get_wrapped_container().logs().decode().splitlines()
+        lines: list[str] = self.container.get_wrapped_container().logs().decode().splitlines()
         fresh, self.log_seen = lines[self.log_seen :], len(lines)
         return fresh
 
@@ -82,7 +82,7 @@ def cmdexec_container(image: str, secrets: Path, **settings: str) -> Iterator[Se
     (secrets / "wirekit_cmdexec_token").write_text(TOKEN + "\n")
     (secrets / "wirekit_cmdexec_token").chmod(0o644)
     container = hardened(
-        image, **{f"WIREKIT_CMDEXEC_{k}": v for k, v in settings.items()}
+        image, env={f"WIREKIT_CMDEXEC_{k}": v for k, v in settings.items()}
     ).with_volume_mapping(str(secrets), "/run/secrets", "ro")
     container.start()
     try:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from testcontainers.core.container import DockerContainer
 from wirekit_testkit import (
     OtlpReceiver,
@@ -52,7 +53,7 @@ def _container(images: dict[str, str], secrets: dict[str, Path], **env: str) -> 
             WIREKIT_CMDEXEC_TLS_KEY_FILE="/run/tls/server.key",
             WIREKIT_CMDEXEC_AUTH_FAILURE_DELAY_S="0.1",
             docker_kwargs={"pids_limit": 64},
-            **env,
+            env=env,
         )
         .with_volume_mapping(str(secrets["tls"]), "/run/tls", "ro")
         .with_volume_mapping(str(secrets["secrets"]), "/run/secrets", "ro")
@@ -110,17 +111,17 @@ def test_commands_over_tls_with_prometheus_and_otlp(
         'cmdexec_runs_total{result="denied"}': 1,
         'cmdexec_auth_failures_total{reason="token"}': 1,
     }.items():
-        wait_until(lambda e=expr, w=want: prom.value(e) == float(w), 30, f"{expr} == {want}")
+        wait_until(prom.equals(expr, float(want)), 30, f"{expr} == {want}")
 
-    def run_span() -> list[object]:
+    def run_span() -> list[Span]:
         return [s for _, s in otlp_receiver.spans()
                 if s.name == "cmdexec.run" and s.trace_id.hex() == TRACE_ID]  # fmt: skip
 
     span = wait_until(run_span, 30, "the cmdexec.run span in the client's trace")[0]
-    span_attrs = {kv.key: otlp_value(kv.value) for kv in span.attributes}  # type: ignore[attr-defined]
+    span_attrs = {kv.key: otlp_value(kv.value) for kv in span.attributes}
     assert span_attrs["process.executable.name"] == "id"
     assert span_attrs["process.exit.code"] == 0
-    assert span.parent_span_id.hex() == "b7ad6b7169203331"  # type: ignore[attr-defined]
+    assert span.parent_span_id.hex() == "b7ad6b7169203331"
 
 
 def test_cli_against_the_container(

@@ -23,7 +23,7 @@ Start = Callable[[DockerContainer], DockerContainer]
 
 
 def _started_echo(images: dict[str, str], start: Start, **env: str) -> DockerContainer:
-    container = start(hardened(images["echo"], *PORTS, **env))
+    container = start(hardened(images["echo"], *PORTS, env=env))
     wait_ready(container)
     return container
 

@@ -56,7 +56,7 @@ def _rule_exprs() -> list[str]:
 
 
 def _dashboard_exprs() -> list[str]:
-    out = []
+    out: list[str] = []
     for path in sorted((DEPLOY / "grafana/dashboards").glob("*.json")):
         for panel in json.loads(path.read_text())["panels"]:
             out.extend(t["expr"] for t in panel.get("targets", []))

@@ -62,4 +62,4 @@ def test_prometheus_scrapes_the_echo_container_and_sees_the_bytes_sent(
         'echo_connections_opened_total{mode="raw"}': 1,
     }
     for expr, want in expected.items():
-        wait_until(lambda e=expr, w=want: prom.value(e) == float(w), 30, f"{expr} == {want}")
+        wait_until(prom.equals(expr, float(want)), 30, f"{expr} == {want}")

@@ -12,7 +12,7 @@ from wirekit_echo.settings import EchoSettings
 from wirekit_udp.settings import UdpSettings
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-SETTINGS = [EchoSettings, CmdexecSettings, UdpSettings]
+SETTINGS: list[type[BaseSettings]] = [EchoSettings, CmdexecSettings, UdpSettings]
 
 
 @pytest.mark.parametrize(

@@ -43,5 +43,5 @@ def test_udp_echo_through_the_published_port_and_prometheus(
         "udp_sent_bytes_total": answered,
         'udp_datagrams_dropped_total{reason="oversize"}': 1,
     }.items():
-        wait_until(lambda e=expr, w=want: prom.value(e) == float(w), 30, f"{expr} == {want}")
+        wait_until(prom.equals(expr, float(want)), 30, f"{expr} == {want}")
     assert client.sent >= len(payloads)

@@ -15,7 +15,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -38,7 +38,11 @@ VERSION = (Path(__file__).resolve().parents[1] / "VERSION").read_text().strip()
 
 
 def hardened(
-    image: str, *ports: str, docker_kwargs: dict[str, Any] | None = None, **env: str
+    image: str,
+    *ports: str,
+    docker_kwargs: dict[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    **more_env: str,
 ) -> DockerContainer:
     """A container run as a careful operator would: read-only, no capabilities, no privilege
     escalation, the image's non-root user, ports published on 127.0.0.1 only."""
@@ -57,7 +61,7 @@ def hardened(
     for port in ports:
         # docker-py accepts (host_ip, host_port); None picks a free port.
         container.ports[port] = ("127.0.0.1", None)  # type: ignore[assignment]
-    for key, value in env.items():
+    for key, value in {**(env or {}), **more_env}.items():
         container.with_env(key, value)
     return container
 
@@ -180,6 +184,10 @@ class Prometheus:
         result = self.query(expr)
         return float(result[0]["value"][1]) if result else None  # type: ignore[index]
 
+    def equals(self, expr: str, want: float) -> Callable[[], bool]:
+        """A predicate for :func:`wait_until`: the query's value is ``want``."""
+        return lambda: self.value(expr) == want
+
 
 class OtlpReceiver:
     """An OTLP/HTTP (protobuf) trace receiver: decodes every request it gets."""
@@ -212,7 +220,7 @@ class OtlpReceiver:
 
     def spans(self) -> list[tuple[dict[str, object], Span]]:
         """(resource attributes, span) for every span received so far."""
-        out = []
+        out: list[tuple[dict[str, object], Span]] = []
         for request in list(self.requests):
             for resource_spans in request.resource_spans:
                 resource = {
@@ -241,7 +249,7 @@ def scrape(url: str, name: str, **labels: str) -> float:
 def child_processes(parent: int | None = None) -> list[tuple[int, bytes, bytes]]:
     """(pid, state, name) of the direct children of ``parent`` (this process by default)."""
     parent = os.getpid() if parent is None else parent
-    out = []
+    out: list[tuple[int, bytes, bytes]] = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:

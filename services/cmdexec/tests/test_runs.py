@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from wirekit_testkit import child_processes
 
-from wirekit_cmdexec.client import EXIT_TIMEOUT, RemoteError, exit_status
+from wirekit_cmdexec.client import EXIT_TIMEOUT, CmdexecClient, RemoteError, exit_status
 from wirekit_cmdexec.messages import Exec, Exit, Kind, encode_json
 from wirekit_framing import recv_frame
 from wirekit_servicekit.testing import until
@@ -46,7 +46,7 @@ async def test_stdout_and_stderr_are_separate_and_in_order(cmdexec: Any) -> None
 
 async def test_output_is_streamed_as_produced(cmdexec: Any) -> None:
     """The first line arrives while the command is still running."""
-    client = cmdexec.client()
+    client: CmdexecClient = cmdexec.client()
     first_seen = asyncio.get_running_loop().create_future()
     loop = asyncio.get_running_loop()
 

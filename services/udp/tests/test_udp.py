@@ -238,8 +238,13 @@ def test_a_burst_the_kernel_drops_is_counted(receive_buffer: int | None, all_que
                     s.sendto(i.to_bytes(2, "big") * 500, ("127.0.0.1", proc.ports["udp"]))
             finally:
                 proc.popen.send_signal(signal.SIGCONT)
-            received = lambda: proc.value("udp_datagrams_received_total")  # noqa: E731
-            drops = lambda: proc.value("udp_socket_drops_total")  # noqa: E731
+
+            def received() -> float:
+                return proc.value("udp_datagrams_received_total")
+
+            def drops() -> float:
+                return proc.value("udp_socket_drops_total")
+
             wait_until(lambda: received() + drops() == burst, 10, "every datagram accounted for")
         if all_queued:
             assert (received(), drops()) == (burst, 0)

@@ -198,9 +198,10 @@ def _deliver(
     try:
         for i, (a, b) in enumerate(itertools.pairwise(points)):
             chunk = wire[a:b]
-            data: bytes | bytearray | memoryview = {
-                "bytes": chunk, "bytearray": bytearray(chunk), "memoryview": memoryview(chunk)
-            }[kind]  # fmt: skip
+            data: bytes | bytearray | memoryview = (
+                chunk if kind == "bytes" else bytearray(chunk) if kind == "bytearray"
+                else memoryview(chunk)
+            )  # fmt: skip
             if use_relay[i % len(use_relay)]:
                 count, out = decoder.relay(data)
                 got = FrameDecoder(LIMIT).feed(bytes(out))  # the wire bytes are whole frames
@@ -316,6 +317,7 @@ def test_errors_keep_no_reference_to_the_callers_buffer_and_do_not_grow() -> Non
     assert first.value.frames == [b"ok"]
     data.extend(b"more")  # resizable: no memoryview of it is alive
     del data[:]
+    assert first.value.__traceback__ is not None
     tb, referenced = first.value.__traceback__.tb_next, []  # the frames below this test's
     while tb is not None:
         referenced += [v for v in tb.tb_frame.f_locals.values() if v is data]

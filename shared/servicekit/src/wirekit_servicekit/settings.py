@@ -130,7 +130,7 @@ class ServiceSettings(BaseSettings):
                     f"{prefix}{name.upper()}, {prefix}{name.upper()}_FILE or a secret file"
                 )
         try:
-            return cls(_cli_parse_args=args)  # type: ignore[call-arg]
+            return cls(_cli_parse_args=args)
         except ValidationError as exc:
             problems = "; ".join(
                 f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
