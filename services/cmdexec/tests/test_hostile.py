@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import pytest
+from wirekit_harness import CmdexecHarness, StartCmdexec
 from wirekit_testkit import CMDEXEC_TOKEN, child_processes
 
 from wirekit_cmdexec.messages import Kind, decode
@@ -45,7 +46,7 @@ def exchange(port: int, *chunks: bytes, then: float = 0.0) -> tuple[Any, bool]:
     return message, closed
 
 
-async def _settled(h: Any) -> None:
+async def _settled(h: CmdexecHarness) -> None:
     await h.wait_for(
         lambda: h.value("cmdexec_connections_active") == 0 and h.value("cmdexec_runs_active") == 0,
         limit_s=10,
@@ -62,7 +63,7 @@ async def _settled(h: Any) -> None:
     ],
 )
 async def test_anything_but_auth_first_is_unauthorized_counted_and_freed(
-    start_cmdexec: Any, first: bytes
+    start_cmdexec: StartCmdexec, first: bytes
 ) -> None:
     """Defects 1 and 2: a server kind first crashed the handler; ERROR + 100,000 '[' killed the
     reader and held the slot for ever (four of them locked out --limit-connections 4)."""
@@ -77,7 +78,7 @@ async def test_anything_but_auth_first_is_unauthorized_counted_and_freed(
         assert res.stdout == b"still served\n"
 
 
-async def test_a_disconnect_during_a_run_frees_its_slot(start_cmdexec: Any) -> None:
+async def test_a_disconnect_during_a_run_frees_its_slot(start_cmdexec: StartCmdexec) -> None:
     """Defect 3: AUTH, EXEC cat with stdin, close after 0.2 s: the command was killed but the
     connection slot stayed taken for good."""
     async with start_cmdexec() as h:
@@ -93,7 +94,7 @@ async def test_a_disconnect_during_a_run_frees_its_slot(start_cmdexec: Any) -> N
         assert h.value("cmdexec_runs_total", result="aborted") == 3
 
 
-async def test_a_client_that_stops_reading_gives_its_run_back(start_cmdexec: Any) -> None:
+async def test_a_client_that_stops_reading_gives_its_run_back(start_cmdexec: StartCmdexec) -> None:
     """Defect 4: clients that stopped reading while a command flooded stdout kept runs_active
     up long after the command was killed (the EXIT write had no deadline). The clients here
     stay connected, reading nothing: the write deadline alone frees the runs."""
@@ -114,7 +115,7 @@ async def test_a_client_that_stops_reading_gives_its_run_back(start_cmdexec: Any
                 s.close()
 
 
-async def test_a_setsid_daemon_does_not_outlive_its_command(start_cmdexec: Any) -> None:
+async def test_a_setsid_daemon_does_not_outlive_its_command(start_cmdexec: StartCmdexec) -> None:
     """Defect 5: `setsid -f sleep 600` stayed after EXIT, re-parented to the server."""
     async with start_cmdexec(allow=["sh", "setsid", "sleep"]) as h:
         res = await h.run(["sh", "-c", "setsid -f sleep 600 >/dev/null 2>&1; echo $$"])
@@ -124,7 +125,9 @@ async def test_a_setsid_daemon_does_not_outlive_its_command(start_cmdexec: Any) 
         assert h.value("cmdexec_processes_killed_total") >= 1
 
 
-async def test_limits_are_in_force_before_the_first_instruction(start_cmdexec: Any) -> None:
+async def test_limits_are_in_force_before_the_first_instruction(
+    start_cmdexec: StartCmdexec,
+) -> None:
     """Defect 6: a child forked at once got the server's limits (13 of 30 runs)."""
     async with start_cmdexec(rlimit_nproc=77, rlimit_cpu_s=13, rlimit_as_bytes=1 << 30) as h:
         for _ in range(10):
@@ -147,14 +150,14 @@ def test_commands_start_through_the_limits_wrapper() -> None:
     assert Spawner({}).argv("/usr/bin/true", ()) == ["/usr/bin/true"]
 
 
-async def test_an_absolute_path_on_the_allowlist_runs(start_cmdexec: Any) -> None:
+async def test_an_absolute_path_on_the_allowlist_runs(start_cmdexec: StartCmdexec) -> None:
     """Defect 7: `/usr/bin/echo` on the allowlist crashed the handler (KeyError)."""
     async with start_cmdexec(allow=["/usr/bin/echo"]) as h:
         res = await h.run(["/usr/bin/echo", "x"])
         assert (res.exit.code, res.stdout) == (0, b"x\n")
 
 
-async def test_an_oversize_frame_during_a_run_is_too_large(start_cmdexec: Any) -> None:
+async def test_an_oversize_frame_during_a_run_is_too_large(start_cmdexec: StartCmdexec) -> None:
     """Defect 8: it was answered bad_request."""
     async with start_cmdexec(max_frame_size=4096) as h:
 
@@ -172,7 +175,7 @@ async def test_an_oversize_frame_during_a_run_is_too_large(start_cmdexec: Any) -
         await _settled(h)
 
 
-async def test_stop_during_runs_logs_no_traceback(start_cmdexec: Any) -> None:
+async def test_stop_during_runs_logs_no_traceback(start_cmdexec: StartCmdexec) -> None:
     """Defect 9: `_GatheringFuture exception was never retrieved` and a CancelledError per
     handler at shutdown. The harness fails the test on any ERROR logged; here the service is
     stopped while a command runs past the drain deadline."""

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from typing import Any
 
 import pytest
+from wirekit_harness import CmdexecHarness, StartCmdexec
 from wirekit_testkit import child_processes
 
 from wirekit_cmdexec.client import EXIT_TIMEOUT, CmdexecClient, RemoteError, exit_status
@@ -26,7 +26,7 @@ from wirekit_servicekit.testing import until
     ],
 )
 async def test_exit_codes_and_signals_are_mapped(
-    cmdexec: Any, argv: list[str], code: int | None, sig: str | None, status: int
+    cmdexec: CmdexecHarness, argv: list[str], code: int | None, sig: str | None, status: int
 ) -> None:
     res = await cmdexec.run(argv)
     assert (res.exit.code, res.exit.signal, res.exit.timed_out) == (code, sig, False)
@@ -35,7 +35,7 @@ async def test_exit_codes_and_signals_are_mapped(
     assert cmdexec.value("cmdexec_runs_total", result=result) == 1
 
 
-async def test_stdout_and_stderr_are_separate_and_in_order(cmdexec: Any) -> None:
+async def test_stdout_and_stderr_are_separate_and_in_order(cmdexec: CmdexecHarness) -> None:
     script = 'i=1; while [ $i -le 300 ]; do echo "out $i"; echo "err $i" >&2; i=$((i+1)); done'
     res = await cmdexec.run(["sh", "-c", script])
     assert res.stdout == b"".join(b"out %d\n" % i for i in range(1, 301))
@@ -44,7 +44,7 @@ async def test_stdout_and_stderr_are_separate_and_in_order(cmdexec: Any) -> None
     assert cmdexec.value("cmdexec_output_bytes_total", stream="stderr") == len(res.stderr)
 
 
-async def test_output_is_streamed_as_produced(cmdexec: Any) -> None:
+async def test_output_is_streamed_as_produced(cmdexec: CmdexecHarness) -> None:
     """The first line arrives while the command is still running."""
     client: CmdexecClient = cmdexec.client()
     first_seen = asyncio.get_running_loop().create_future()
@@ -67,7 +67,7 @@ async def test_output_is_streamed_as_produced(cmdexec: Any) -> None:
 
 
 @pytest.mark.parametrize("action", ["end", "drop"])
-async def test_output_cap_truncates_and_reports(start_cmdexec: Any, action: str) -> None:
+async def test_output_cap_truncates_and_reports(start_cmdexec: StartCmdexec, action: str) -> None:
     async with start_cmdexec(limit_output_bytes=1_000_000, limit_output_action=action) as h:
         res = await h.run(["head", "-c", "100000000", "/dev/zero"])
         assert len(res.stdout) == 1_000_000
@@ -82,7 +82,9 @@ async def test_output_cap_truncates_and_reports(start_cmdexec: Any, action: str)
         assert not small.exit.output_capped
 
 
-async def test_timeout_kills_a_tree_whose_grandchild_holds_the_pipes(cmdexec: Any) -> None:
+async def test_timeout_kills_a_tree_whose_grandchild_holds_the_pipes(
+    cmdexec: CmdexecHarness,
+) -> None:
     # The background sleep inherits stdout/stderr: without a group kill, no end of file ever.
     res = await asyncio.wait_for(
         cmdexec.run(["sh", "-c", "sleep 60 & echo $!; sleep 60"], timeout_s=0.5), 20
@@ -95,20 +97,20 @@ async def test_timeout_kills_a_tree_whose_grandchild_holds_the_pipes(cmdexec: An
     assert cmdexec.value("cmdexec_runs_total", result="timeout") == 1
 
 
-async def test_background_child_is_killed_when_the_command_exits(cmdexec: Any) -> None:
+async def test_background_child_is_killed_when_the_command_exits(cmdexec: CmdexecHarness) -> None:
     res = await asyncio.wait_for(cmdexec.run(["sh", "-c", "sleep 60 & echo $!"]), 20)
     assert res.exit.code == 0
     await _gone(int(res.stdout.split()[0]))
 
 
-async def test_client_may_ask_for_less_time_never_more(start_cmdexec: Any) -> None:
+async def test_client_may_ask_for_less_time_never_more(start_cmdexec: StartCmdexec) -> None:
     async with start_cmdexec(timeout_run_s=0.5) as h:
         res = await asyncio.wait_for(h.run(["sleep", "30"], timeout_s=1000), 20)
         assert res.exit.timed_out
         assert res.exit.duration_s < 5
 
 
-async def test_client_disconnect_kills_the_command(cmdexec: Any) -> None:
+async def test_client_disconnect_kills_the_command(cmdexec: CmdexecHarness) -> None:
     client = cmdexec.client()
     sock = client.sock
     client._send(encode_json(Kind.EXEC, Exec(argv=["sh", "-c", "echo $$; exec sleep 60"])))
@@ -122,7 +124,7 @@ async def test_client_disconnect_kills_the_command(cmdexec: Any) -> None:
     await until(lambda: cmdexec.value("cmdexec_runs_active") == 0)
 
 
-async def test_signal_and_stdin_are_forwarded(cmdexec: Any) -> None:
+async def test_signal_and_stdin_are_forwarded(cmdexec: CmdexecHarness) -> None:
     client = cmdexec.client()
     try:
         r, w = os.pipe()
@@ -149,7 +151,7 @@ async def test_signal_and_stdin_are_forwarded(cmdexec: Any) -> None:
         client.sock.close()
 
 
-async def test_a_thousand_timed_out_commands_leave_no_zombie(start_cmdexec: Any) -> None:
+async def test_a_thousand_timed_out_commands_leave_no_zombie(start_cmdexec: StartCmdexec) -> None:
     async with start_cmdexec(limit_runs=8) as h:
 
         def batch(n: int) -> int:
@@ -173,7 +175,7 @@ async def test_a_thousand_timed_out_commands_leave_no_zombie(start_cmdexec: Any)
 
 
 async def test_the_child_sees_none_of_the_servers_environment(
-    start_cmdexec: Any, monkeypatch: pytest.MonkeyPatch
+    start_cmdexec: StartCmdexec, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("WIREKIT_TEST_SERVER_SECRET", "must-not-leak")
     async with start_cmdexec(child_env={"TZ": "UTC"}) as h:
@@ -184,7 +186,7 @@ async def test_the_child_sees_none_of_the_servers_environment(
     assert b"test-token" not in res.stdout
 
 
-async def test_concurrency_cap_answers_busy(start_cmdexec: Any) -> None:
+async def test_concurrency_cap_answers_busy(start_cmdexec: StartCmdexec) -> None:
     async with start_cmdexec(limit_runs=1) as h:
         client = h.client()
         long_run = asyncio.ensure_future(asyncio.to_thread(
@@ -199,7 +201,7 @@ async def test_concurrency_cap_answers_busy(start_cmdexec: Any) -> None:
         client.sock.close()
 
 
-async def test_many_commands_in_turn_on_one_connection(cmdexec: Any) -> None:
+async def test_many_commands_in_turn_on_one_connection(cmdexec: CmdexecHarness) -> None:
     client = cmdexec.client()
     try:
         for i in range(50):
@@ -211,7 +213,9 @@ async def test_many_commands_in_turn_on_one_connection(cmdexec: Any) -> None:
     assert cmdexec.value("cmdexec_connections_opened_total") == 1
 
 
-async def test_span_continues_the_clients_trace_and_carries_no_arguments(cmdexec: Any) -> None:
+async def test_span_continues_the_clients_trace_and_carries_no_arguments(
+    cmdexec: CmdexecHarness,
+) -> None:
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
     parent = "00f067aa0ba902b7"
     secret_arg = "do-not-record-me"
@@ -230,7 +234,9 @@ async def test_span_continues_the_clients_trace_and_carries_no_arguments(cmdexec
     assert all(secret_arg not in str(v) for v in attrs.values())
 
 
-async def test_audit_log_line_per_run(cmdexec: Any, caplog: pytest.LogCaptureFixture) -> None:
+async def test_audit_log_line_per_run(
+    cmdexec: CmdexecHarness, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level("INFO", logger="wirekit_cmdexec.audit")
     await cmdexec.run(["echo", "secret-argument"])
     records = [r for r in caplog.records if r.name == "wirekit_cmdexec.audit"]
@@ -270,7 +276,7 @@ async def _gone(pid: int) -> None:
     await until(lambda: not os.path.exists(f"/proc/{pid}"), 10)
 
 
-async def test_resource_limits_are_applied_to_children(start_cmdexec: Any) -> None:
+async def test_resource_limits_are_applied_to_children(start_cmdexec: StartCmdexec) -> None:
     async with start_cmdexec(rlimit_nproc=77, rlimit_cpu_s=13, rlimit_as_bytes=1 << 30) as h:
         # `sleep` first: the limits are set with prlimit(2) right after the spawn.
         res = await h.run(["sh", "-c", "sleep 0.2; cat /proc/$$/limits"])

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
+from wirekit_harness import StartCmdexec
 from wirekit_testkit import CMDEXEC_TOKEN
 
 from wirekit_cmdexec.__main__ import build_context
@@ -92,7 +93,7 @@ ROWS = [
 
 @pytest.mark.parametrize(("messages", "code", "closes"), ROWS)
 async def test_attack_is_refused_and_nothing_runs(
-    start_cmdexec: Any, messages: list[bytes], code: str | None, closes: bool
+    start_cmdexec: StartCmdexec, messages: list[bytes], code: str | None, closes: bool
 ) -> None:
     MARKER.unlink(missing_ok=True)
     async with start_cmdexec(allow=DEFAULT_ALLOW) as h:
@@ -127,7 +128,7 @@ async def test_attack_is_refused_and_nothing_runs(
     assert not MARKER.exists(), "a refused request executed something"
 
 
-async def test_metacharacters_in_arguments_stay_literal(start_cmdexec: Any) -> None:
+async def test_metacharacters_in_arguments_stay_literal(start_cmdexec: StartCmdexec) -> None:
     MARKER.unlink(missing_ok=True)
     async with start_cmdexec(allow=DEFAULT_ALLOW) as h:
         arg = f"$(touch {M}); `touch {M}` && touch {M} | touch {M}"
@@ -136,7 +137,7 @@ async def test_metacharacters_in_arguments_stay_literal(start_cmdexec: Any) -> N
     assert not MARKER.exists()
 
 
-async def test_the_marker_check_can_fail(start_cmdexec: Any) -> None:
+async def test_the_marker_check_can_fail(start_cmdexec: StartCmdexec) -> None:
     """Control for the table: when touch IS allowed, the marker appears."""
     MARKER.unlink(missing_ok=True)
     async with start_cmdexec(allow=["touch"]) as h:
@@ -146,7 +147,7 @@ async def test_the_marker_check_can_fail(start_cmdexec: Any) -> None:
     MARKER.unlink()
 
 
-async def test_frame_over_max_frame_size_is_too_large(start_cmdexec: Any) -> None:
+async def test_frame_over_max_frame_size_is_too_large(start_cmdexec: StartCmdexec) -> None:
     async with start_cmdexec(max_frame_size=4096) as h:
 
         def attack() -> dict[str, Any]:
@@ -161,7 +162,7 @@ async def test_frame_over_max_frame_size_is_too_large(start_cmdexec: Any) -> Non
         assert h.value("cmdexec_protocol_errors_total", code="too_large") == 1
 
 
-async def test_failed_auth_is_counted_delayed_and_closed(start_cmdexec: Any) -> None:
+async def test_failed_auth_is_counted_delayed_and_closed(start_cmdexec: StartCmdexec) -> None:
     async with start_cmdexec(auth_failure_delay_s=0.3) as h:
 
         def attempt() -> tuple[float, str]:
@@ -199,7 +200,7 @@ def test_token_comparison_is_constant_time_by_construction(monkeypatch: pytest.M
 
 
 async def test_generated_token_is_logged_once_and_works(
-    start_cmdexec: Any, caplog: pytest.LogCaptureFixture
+    start_cmdexec: StartCmdexec, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level("WARNING", logger="wirekit_cmdexec")
     async with start_cmdexec(token=None) as h:
@@ -210,7 +211,7 @@ async def test_generated_token_is_logged_once_and_works(
         assert res.stdout == b"ok\n"
 
 
-async def test_shell_mode_runs_only_when_enabled(start_cmdexec: Any) -> None:
+async def test_shell_mode_runs_only_when_enabled(start_cmdexec: StartCmdexec) -> None:
     async with start_cmdexec(allow=["true"], allow_shell=True, workdir="/tmp") as h:
         res = await h.run(["echo one && pwd"], shell=True)
         assert (res.exit.code, res.stdout) == (0, b"one\n/tmp\n")

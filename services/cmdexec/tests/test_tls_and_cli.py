@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from wirekit_harness import StartCmdexec
 from wirekit_testkit import CMDEXEC_TOKEN, OtlpReceiver, make_test_pki, service_process, wait_until
 
 TOKEN = CMDEXEC_TOKEN
@@ -31,7 +32,7 @@ def _client_ctx(pki: dict[str, Path], cert: bool) -> ssl.SSLContext:
 
 
 async def test_tls_runs_commands_and_refuses_untrusted_clients(
-    start_cmdexec: Any, pki: dict[str, Path]
+    start_cmdexec: StartCmdexec, pki: dict[str, Path]
 ) -> None:
     async with start_cmdexec(
         tls_cert_file=str(pki["server.pem"]), tls_key_file=str(pki["server.key"])
@@ -49,7 +50,7 @@ async def test_tls_runs_commands_and_refuses_untrusted_clients(
 
 
 async def test_mutual_tls_requires_a_client_certificate(
-    start_cmdexec: Any, pki: dict[str, Path]
+    start_cmdexec: StartCmdexec, pki: dict[str, Path]
 ) -> None:
     async with start_cmdexec(
         tls_cert_file=str(pki["server.pem"]), tls_key_file=str(pki["server.key"]),

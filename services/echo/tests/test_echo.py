@@ -6,17 +6,17 @@ import asyncio
 import random
 import socket
 import struct
-from typing import Any
 
 import pytest
 from opentelemetry.trace import SpanKind, StatusCode
+from wirekit_harness import EchoHarness, StartEcho
 
 from wirekit_framing import encode, read_frame, write_frame
 
 CLIENTS = 100
 
 
-async def _client_session(h: Any, mode: str, seed: int) -> int:
+async def _client_session(h: EchoHarness, mode: str, seed: int) -> int:
     """Send random payloads, check each echo byte for byte; return bytes sent."""
     rng = random.Random(seed)
     reader, writer = await h.connect(mode)
@@ -40,7 +40,9 @@ async def _client_session(h: Any, mode: str, seed: int) -> int:
 
 
 @pytest.mark.parametrize("mode", ["raw", "framed"])
-async def test_concurrent_clients_each_get_their_own_bytes(start_echo: Any, mode: str) -> None:
+async def test_concurrent_clients_each_get_their_own_bytes(
+    start_echo: StartEcho, mode: str
+) -> None:
     async with start_echo(limit_connections_per_source=CLIENTS) as echo:  # all from 127.0.0.1
         totals = await asyncio.wait_for(
             asyncio.gather(*(_client_session(echo, mode, seed) for seed in range(CLIENTS))), 60
@@ -56,7 +58,9 @@ async def test_concurrent_clients_each_get_their_own_bytes(start_echo: Any, mode
 
 
 @pytest.mark.parametrize("how", ["reset", "eof"])
-async def test_client_vanishing_mid_frame_does_not_disturb_others(echo: Any, how: str) -> None:
+async def test_client_vanishing_mid_frame_does_not_disturb_others(
+    echo: EchoHarness, how: str
+) -> None:
     reader, writer = await echo.connect("framed")
     await write_frame(writer, b"warm-up")
     assert await read_frame(reader) == b"warm-up"
@@ -77,7 +81,7 @@ async def test_client_vanishing_mid_frame_does_not_disturb_others(echo: Any, how
     writer.close()
 
 
-async def test_oversize_frame_resets_that_connection_and_counts(start_echo: Any) -> None:
+async def test_oversize_frame_resets_that_connection_and_counts(start_echo: StartEcho) -> None:
     async with start_echo(max_frame_size=1024) as h:
         good_r, good_w = await h.connect("framed")
         bad_r, bad_w = await h.connect("framed")
@@ -93,7 +97,7 @@ async def test_oversize_frame_resets_that_connection_and_counts(start_echo: Any)
 
 
 async def test_idle_timeout_closes_silent_and_stalled_peers_but_not_active_ones(
-    start_echo: Any,
+    start_echo: StartEcho,
 ) -> None:
     async with start_echo(timeout_idle_s=0.4) as h:
         loop = asyncio.get_running_loop()
@@ -119,7 +123,7 @@ async def test_idle_timeout_closes_silent_and_stalled_peers_but_not_active_ones(
 
 
 async def test_over_the_connection_limit_a_client_is_refused_and_counted(
-    start_echo: Any,
+    start_echo: StartEcho,
 ) -> None:
     async with start_echo(limit_connections=3) as h:
         conns = [await h.connect("raw") for _ in range(3)]
@@ -140,7 +144,7 @@ async def test_over_the_connection_limit_a_client_is_refused_and_counted(
         writer.close()
 
 
-async def test_back_pressure_pauses_reading_instead_of_buffering(echo: Any) -> None:
+async def test_back_pressure_pauses_reading_instead_of_buffering(echo: EchoHarness) -> None:
     """A client that writes and never reads: the server stops reading; nothing piles up."""
     reader, writer = await echo.connect("raw")
     chunk = b"z" * 65536
@@ -173,7 +177,7 @@ async def test_back_pressure_pauses_reading_instead_of_buffering(echo: Any) -> N
     writer.close()
 
 
-async def test_connection_span_is_recorded_with_network_attributes(echo: Any) -> None:
+async def test_connection_span_is_recorded_with_network_attributes(echo: EchoHarness) -> None:
     reader, writer = await echo.connect("framed")
     await write_frame(writer, b"traced")
     assert await read_frame(reader) == b"traced"
@@ -193,7 +197,7 @@ async def test_connection_span_is_recorded_with_network_attributes(echo: Any) ->
     assert span.status.status_code != StatusCode.ERROR
 
 
-async def test_drain_delivers_in_flight_replies_then_closes(start_echo: Any) -> None:
+async def test_drain_delivers_in_flight_replies_then_closes(start_echo: StartEcho) -> None:
     """In-process drain: a large reply being written and a half-received frame both complete."""
     async with start_echo(timeout_drain_s=5.0) as h:
         big = random.Random(1).randbytes(4 * 1024 * 1024 // 4)
@@ -219,7 +223,7 @@ async def test_drain_delivers_in_flight_replies_then_closes(start_echo: Any) -> 
         assert await asyncio.wait_for(h.task, 5) == 0
 
 
-async def test_framed_stream_of_sticky_frames_in_random_chunks(echo: Any) -> None:
+async def test_framed_stream_of_sticky_frames_in_random_chunks(echo: EchoHarness) -> None:
     """Many frames in arbitrary chunks (reads end mid-header, mid-payload, on boundaries):
     the replies are exactly the frames, in order."""
     rng = random.Random(7)

@@ -15,9 +15,9 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import pytest
+from wirekit_harness import EchoHarness, StartEcho
 from wirekit_testkit import ServiceProcess, service_process
 
 from wirekit_framing import encode, encode_many
@@ -53,7 +53,7 @@ def read_to_end(sock: socket.socket) -> tuple[bytes, str]:
     return bytes(got), "eof"
 
 
-async def test_whole_frames_then_exactly_one_header_are_echoed_once(echo: Any) -> None:
+async def test_whole_frames_then_exactly_one_header_are_echoed_once(echo: EchoHarness) -> None:
     """Defect 1: `00000001 61 00000005`, then `hello` 300 ms later, came back with the second
     header twice (the read was reflected whole, then the frame re-encoded)."""
     reader, writer = await echo.connect("framed")
@@ -71,7 +71,7 @@ async def test_whole_frames_then_exactly_one_header_are_echoed_once(echo: Any) -
 
 
 async def test_frames_before_an_oversize_header_in_the_same_read_are_answered(
-    start_echo: Any,
+    start_echo: StartEcho,
 ) -> None:
     """Defect 5: frames that preceded an oversize header in one read were never answered."""
     async with start_echo(max_frame_size=100) as h:
@@ -89,7 +89,7 @@ async def test_frames_before_an_oversize_header_in_the_same_read_are_answered(
 
 
 @pytest.mark.parametrize("mode", MODES)
-async def test_idle_timeout_never_closes_early(start_echo: Any, mode: str) -> None:
+async def test_idle_timeout_never_closes_early(start_echo: StartEcho, mode: str) -> None:
     """Defect 4: with a 2 s timeout, silent connections were closed after 1.6-2.0 s. The
     window is 1.0-1.25 timeouts (checked: never below 1.0; above, only a generous bound)."""
     timeout = 0.8
@@ -107,7 +107,7 @@ async def test_idle_timeout_never_closes_early(start_echo: Any, mode: str) -> No
         assert h.value("echo_errors_total", mode=mode, kind="idle_timeout") == 3
 
 
-async def test_a_trickled_frame_is_reset_at_the_frame_deadline(start_echo: Any) -> None:
+async def test_a_trickled_frame_is_reset_at_the_frame_deadline(start_echo: StartEcho) -> None:
     """Defect 3: one byte of a 1,000-byte frame every 0.1 s is activity, so the idle timeout
     never fired; the frame deadline does."""
     async with start_echo(timeout_idle_s=30, timeout_frame_s=1.0) as h:
@@ -133,7 +133,9 @@ async def test_a_trickled_frame_is_reset_at_the_frame_deadline(start_echo: Any) 
         assert h.value("echo_errors_total", mode="framed", kind="idle_timeout") == 0
 
 
-async def test_tricklers_from_one_address_cannot_deny_service_to_another(start_echo: Any) -> None:
+async def test_tricklers_from_one_address_cannot_deny_service_to_another(
+    start_echo: StartEcho,
+) -> None:
     """Defect 3: five tricklers held five slots for ever, 1,024 held the listener. Now one
     source holds at most limit_connections_per_source slots, each until its frame deadline."""
     async with start_echo(
@@ -173,7 +175,7 @@ async def test_tricklers_from_one_address_cannot_deny_service_to_another(start_e
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_data_after_the_servers_end_of_stream_is_reset_and_counted(
-    start_echo: Any, mode: str
+    start_echo: StartEcho, mode: str
 ) -> None:
     """The drain half-closes a quiet connection; what the client sends after that FIN can
     never be answered: a reset and `unanswered`, never a silent drop."""

@@ -10,9 +10,9 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any
 
 import pytest
+from wirekit_harness import StartUdp
 from wirekit_testkit import service_process, wait_until
 
 from wirekit_udp.client import UdpEchoClient
@@ -40,7 +40,7 @@ def _exchange(s: socket.socket, payloads: list[bytes], dest: tuple[str, int]) ->
     return out
 
 
-async def test_every_size_from_zero_to_max_is_echoed_byte_exact(start_udp: Any) -> None:
+async def test_every_size_from_zero_to_max_is_echoed_byte_exact(start_udp: StartUdp) -> None:
     async with start_udp(rate_per_source=1e6, burst_per_source=10_000) as h:
         sizes = list(range(h.settings.max_datagram_size + 1))
         payloads = [os.urandom(n) for n in sizes]
@@ -51,7 +51,7 @@ async def test_every_size_from_zero_to_max_is_echoed_byte_exact(start_udp: Any) 
         assert h.value("udp_sent_bytes_total") == sum(sizes)
 
 
-async def test_oversize_is_dropped_and_counted(start_udp: Any) -> None:
+async def test_oversize_is_dropped_and_counted(start_udp: StartUdp) -> None:
     async with start_udp(max_datagram_size=512) as h:
         with _sock() as s:
             s.settimeout(0.3)
@@ -64,7 +64,7 @@ async def test_oversize_is_dropped_and_counted(start_udp: Any) -> None:
 
 @pytest.mark.parametrize(("port", "reason"), [(999, "privileged_port"), (2049, "denied_port")])
 async def test_datagrams_from_a_low_or_denied_source_port_get_no_answer(
-    start_udp: Any, port: int, reason: str
+    start_udp: StartUdp, port: int, reason: str
 ) -> None:
     if os.geteuid() != 0:
         pytest.skip("binding a port below 1024 needs root")  # tests run as root in CI
@@ -78,7 +78,7 @@ async def test_datagrams_from_a_low_or_denied_source_port_get_no_answer(
 
 
 async def test_rate_limit_holds_under_a_flood_while_another_source_is_served(
-    start_udp: Any,
+    start_udp: StartUdp,
 ) -> None:
     async with start_udp(rate_per_source=50, burst_per_source=20) as h:
         dest = ("127.0.0.1", h.port)
@@ -130,7 +130,7 @@ async def test_rate_limit_holds_under_a_flood_while_another_source_is_served(
         assert h.value("udp_rate_limited_sources") >= 1
 
 
-async def test_source_table_stays_bounded_under_many_sources_and_ports(start_udp: Any) -> None:
+async def test_source_table_stays_bounded_under_many_sources_and_ports(start_udp: StartUdp) -> None:
     async with start_udp(limit_sources=50, rate_per_source=1000, burst_per_source=1000) as h:
         dest = ("127.0.0.1", h.port)
 
@@ -156,7 +156,7 @@ async def test_source_table_stays_bounded_under_many_sources_and_ports(start_udp
         assert h.value("udp_datagrams_sent_total") == 500  # none was over its own limit
 
 
-async def test_ipv6_is_served(start_udp: Any) -> None:
+async def test_ipv6_is_served(start_udp: StartUdp) -> None:
     if not socket.has_ipv6:
         pytest.skip("no IPv6")
     async with start_udp(host="::1") as h:
@@ -166,7 +166,7 @@ async def test_ipv6_is_served(start_udp: Any) -> None:
 
 
 async def test_drops_are_reported_once_per_interval_with_a_count(
-    start_udp: Any, caplog: pytest.LogCaptureFixture
+    start_udp: StartUdp, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level("WARNING", logger="wirekit_udp.protocol")
     async with start_udp(max_datagram_size=10, report_interval_s=30) as h:
@@ -174,15 +174,17 @@ async def test_drops_are_reported_once_per_interval_with_a_count(
             for i in range(500):
                 s.sendto(b"z" * 11, ("127.0.0.1", h.port))
                 if i % 50 == 49:  # paced: the kernel must not drop any before the server reads
-                    await h.wait_for(lambda i=i: h.value("udp_datagrams_received_total") == i + 1)
+                    want = float(i + 1)
+                    await h.wait_for(lambda: h.value("udp_datagrams_received_total") == want)  # noqa: B023 (awaited here)
         assert h.value("udp_datagrams_dropped_total", reason="oversize") == 500
     # 500 drops: one line and one span when the first came, one more with the rest at shutdown.
     lines = [r for r in caplog.records if r.getMessage() == "datagrams dropped"]
     assert [r.__dict__["count"] for r in lines] == [1, 499]
-    spans = [sp for sp in h.spans.get_finished_spans() if sp.name == "udp.drop"]
-    assert [sp.attributes["wirekit.udp.drop_count"] for sp in spans] == [1, 499]
-    assert spans[0].attributes["wirekit.udp.drop_reason"] == "oversize"
-    assert spans[0].attributes["network.peer.address"] == "127.0.0.1"
+    spans = [dict(sp.attributes or {}) for sp in h.spans.get_finished_spans()
+             if sp.name == "udp.drop"]  # fmt: skip
+    assert [attrs["wirekit.udp.drop_count"] for attrs in spans] == [1, 499]
+    assert spans[0]["wirekit.udp.drop_reason"] == "oversize"
+    assert spans[0]["network.peer.address"] == "127.0.0.1"
 
 
 def test_process_metrics_promtool_sigterm_and_client() -> None:
