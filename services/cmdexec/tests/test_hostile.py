@@ -125,6 +125,19 @@ async def test_a_setsid_daemon_does_not_outlive_its_command(start_cmdexec: Start
         assert h.value("cmdexec_processes_killed_total") >= 1
 
 
+async def test_an_orphan_of_a_live_run_is_left_to_finish(start_cmdexec: StartCmdexec) -> None:
+    """What a run leaves re-parented to the service *while the run goes on* is still the run's
+    (its session is the run's): the sweeps leave it alone until the run ends. A sweep that read
+    the wrong field of /proc/<pid>/stat killed it here, and spared everything when the service
+    had no visible session of its own (getsid 0, as under CI)."""
+    async with start_cmdexec(allow=["sh", "sleep"]) as h:
+        script = '(sh -c "sleep 0.6; echo survived" &); sleep 1.2'  # the subshell exits at once
+        res = await h.run(["sh", "-c", script])
+        assert res.exit.code == 0
+        assert res.stdout == b"survived\n"  # lived through two sweeps or more
+        assert h.value("cmdexec_processes_killed_total") == 0
+
+
 async def test_limits_are_in_force_before_the_first_instruction(
     start_cmdexec: StartCmdexec,
 ) -> None:

@@ -67,13 +67,14 @@ def _children() -> list[int]:
 
 
 def _stat(pid: int) -> tuple[bytes, int] | None:
-    """(state, session id) of a process, None when it is gone."""
+    """(state, session id) of a process, None when it is gone. After the command name come
+    state, ppid, pgrp, session (proc(5))."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             fields = f.read().rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
+        return fields[0], int(fields[3])
+    except (OSError, IndexError, ValueError):
         return None
-    return fields[0], int(fields[4])
 
 
 class Containment:
