@@ -153,7 +153,7 @@ async def serve(
             while box.subreaper:
                 await asyncio.sleep(SWEEP_S)
                 box.sweep()
-                svc.metrics.killed.n = box.killed
+                svc.count_kills()
 
         listener = Listener("cmdexec", settings.host, settings.port, factory, svc.hub,
                             server_tls(settings))  # fmt: skip

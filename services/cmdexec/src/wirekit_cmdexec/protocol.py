@@ -148,6 +148,7 @@ class CmdexecContext:
     hub: ConnectionHub
     running: int = 0
     output: dict[Kind, Counter] = field(init=False)
+    _killed_before: int = field(init=False)
 
     def __post_init__(self) -> None:
         # Children bound once: no label lookup per output chunk.
@@ -155,6 +156,11 @@ class CmdexecContext:
             Kind.STDOUT: self.metrics.output.labels("stdout"),
             Kind.STDERR: self.metrics.output.labels("stderr"),
         }
+        self._killed_before = containment().killed  # the process may have served before
+
+    def count_kills(self) -> None:
+        """cmdexec_processes_killed_total: the sweeps' kills since this service started."""
+        self.metrics.killed.n = containment().killed - self._killed_before
 
     def token_ok(self, offered: str) -> bool:
         # Digests of equal length: the comparison time says nothing about the token.
@@ -402,7 +408,7 @@ class Connection:
                 log.error("spawn failed", extra={"executable": decision.name, "error": str(exc)})
                 raise Internal(f"could not start {decision.name}") from None
             finally:
-                svc.metrics.killed.n = containment().killed
+                svc.count_kills()
             result = out.result
             svc.metrics.runs.labels(result).inc()
             svc.metrics.duration.observe(out.duration_s)
