@@ -1,8 +1,8 @@
 # wirekit images: one file, one target per service (`docker build --target echo .`).
 #
 # Hermetic: no network during the build. `make wheelhouse` downloads the pinned, hash-checked
-# dependencies and builds the wirekit wheels on the host into ./wheelhouse; the image installs
-# from there with --no-index. No BuildKit features: the legacy builder is enough.
+# dependencies and builds the wirekit wheels on the host into ./wheelhouse, with cmdexec's
+# static exec wrapper (wirekit-limits); the image installs from there with --no-index. No BuildKit features: the legacy builder is enough.
 #
 # BASE_IMAGE is any Debian bookworm image with python3.11 and python3-venv: the official Python
 # image by default; `make base-image` builds wirekit-base:local with debootstrap for machines
@@ -54,6 +54,8 @@ ENTRYPOINT ["/usr/bin/tini", "--", "wirekit-echo"]
 
 FROM runtime AS cmdexec
 ARG VERSION
+# Sets the commands' rlimits, then execs them (static: runs on any base).
+COPY --from=venv /wheelhouse/wirekit-limits /opt/wirekit/bin/wirekit-limits
 # Commands run as the image's non-root user, with a minimal environment, in the read-only root.
 ENV WIREKIT_CMDEXEC_HOST=0.0.0.0
 EXPOSE 7100/tcp 9710/tcp

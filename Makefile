@@ -37,39 +37,47 @@ $(STAMP): requirements/dev.txt VERSION $(addsuffix /pyproject.toml,$(MEMBERS)) |
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation $(addprefix -e ,$(MEMBERS))
 	touch $@
 
-install: $(STAMP) ## venv with the pinned, hashed dev set plus the members (editable); only when stale
+#: cmdexec's exec wrapper that sets rlimits before a command's first instruction: a static binary,
+#: built here with the machine's C compiler, installed beside the venv's python and in the image.
+HELPER := $(BIN)/wirekit-limits
+READY  := $(STAMP) $(HELPER)
 
-run: $(STAMP) ## echo on loopback: raw 7000, framed 7001, metrics 9700 (makes the venv first)
+$(HELPER): services/cmdexec/helper/wirekit-limits.c | $(BIN)/python
+	$(CC) -O2 -static -s -Wall -Wextra -Werror -o $@ $<
+
+install: $(READY) ## venv with the pinned, hashed dev set plus the members (editable); only when stale
+
+run: $(READY) ## echo on loopback: raw 7000, framed 7001, metrics 9700 (makes the venv first)
 	env WIREKIT_ECHO_HOST=127.0.0.1 $(BIN)/wirekit-echo
 
 check: ## everything CI checks, on a fresh Debian 12 machine: installs what it needs, then lint, images, tests
 	bash .ci/check
 
-test: $(STAMP) ## the whole suite, quickly (integration tests skip without Docker unless CI is set)
+test: $(READY) ## the whole suite, quickly (integration tests skip without Docker unless CI is set)
 	$(BIN)/pytest
 
 TEST_DIRS := $(addsuffix /tests,$(MEMBERS)) tests
 
-lint: $(STAMP) ## ruff, ruff format --check, mypy --strict (the packages, then each test folder)
+lint: $(READY) ## ruff, ruff format --check, mypy --strict (the packages, then each test folder)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	for d in $(TEST_DIRS); do MYPYPATH=tests $(BIN)/mypy --explicit-package-bases $$d/*.py || exit 1; done
 
-fmt: $(STAMP) ## ruff --fix, ruff format
+fmt: $(READY) ## ruff --fix, ruff format
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-bench: $(STAMP) ## the benchmark matrix (~15 min, loopback): bench/results/latest.{md,json}, throughput.png
+bench: $(READY) ## the benchmark matrix (~15 min, loopback): bench/results/latest.{md,json}, throughput.png
 	command -v xinetd >/dev/null && command -v sshd >/dev/null || \
 	  apt-get install -y -qq --no-install-recommends xinetd openssh-server openssh-client >/dev/null
 	$(BIN)/pip install -q --disable-pip-version-check --require-hashes -r requirements/bench.txt
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
-soak: $(STAMP) ## 1,000 concurrent framed connections x 20 random frames, twice, byte-exact; RSS and fds (bench/soak.py)
+soak: $(READY) ## 1,000 concurrent framed connections x 20 random frames, twice, byte-exact; RSS and fds (bench/soak.py)
 	$(BIN)/python bench/soak.py $(SOAK_ARGS)
 
-mutants: $(STAMP) ## one mutation per module, each must make a test fail (tests/mutants.py; ~10 min)
+mutants: $(READY) ## one mutation per module, each must make a test fail (tests/mutants.py; ~10 min)
 	$(BIN)/python tests/mutants.py
 
 lock: ## re-pin requirements/*.txt with hashes (needs uv; records no index URLs)
@@ -77,8 +85,9 @@ lock: ## re-pin requirements/*.txt with hashes (needs uv; records no index URLs)
 	cd requirements && uv pip compile dev.in --generate-hashes --no-header --python-version 3.11 -o dev.txt -q
 	cd requirements && uv pip compile bench.in --generate-hashes --no-header --python-version 3.11 -o bench.txt -q
 
-wheelhouse: ## pinned dependencies (hash-checked) + wirekit wheels, for hermetic image builds
+wheelhouse: $(READY) ## pinned dependencies (hash-checked), wirekit wheels and wirekit-limits, for hermetic image builds
 	rm -rf wheelhouse && mkdir -p wheelhouse
+	cp $(HELPER) wheelhouse/wirekit-limits
 	$(BIN)/pip download -q --disable-pip-version-check --require-hashes --no-deps \
 	  --only-binary :all: -r requirements/runtime.txt -d wheelhouse
 	$(BIN)/pip wheel -q --disable-pip-version-check --no-deps --no-build-isolation \

@@ -131,7 +131,7 @@ MUTANTS = [
            "                if not pattern.fullmatch(arg):", "                if False:",
            CX_T + "/test_security.py"),
     Mutant("cmdexec: no exec wrapper", CX + "runner.py",
-           '        if wrapper:\n            self.prefix =', '        if False:\n            self.prefix =',
+           '            if found:\n                self.wrapper =', '            if False:\n                self.wrapper =',
            CX_T + "/test_hostile.py -k limits"),
     Mutant("cmdexec: output cap does not end", CX + "runner.py",
            '                if limits.output_action == "end":', "                if False:",

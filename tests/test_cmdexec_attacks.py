@@ -406,6 +406,14 @@ def _limits_before_first_instruction(srv: Server) -> None:
     s.close()
 
 
+def _limits_set_by_the_static_wrapper(srv: Server) -> None:
+    """The image starts commands through wirekit-limits (static, the cheapest exec wrapper),
+    and says so in its start log."""
+    logs = srv.container.get_wrapped_container().logs().decode().splitlines()
+    commands = [json.loads(line) for line in logs if '"message": "commands"' in line]
+    assert [c["rlimits"] for c in commands] == ["wirekit-limits exec wrapper"]
+
+
 def _fork_bomb_is_bounded(srv: Server) -> None:
     """101 processes started under a limit of 40 (the limit came late). Now the user's
     processes -- the server's own included -- never pass RLIMIT_NPROC. The script counts its
@@ -638,6 +646,7 @@ ROWS: list[tuple[str, Attack]] = [
     ),
     # -- limits before the first instruction (defect 6) ---------------------------------------
     ("limits-in-a-subshell", _limits_before_first_instruction),
+    ("limits-by-wirekit-limits", _limits_set_by_the_static_wrapper),
     ("fork-bomb-bounded", _fork_bomb_is_bounded),
     # -- the server's secrets stay in the server ------------------------------------------------
     ("read-server-environ", _environ_of_server_is_closed),

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import struct
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -140,11 +143,14 @@ async def test_an_orphan_of_a_live_run_is_left_to_finish(start_cmdexec: StartCmd
         assert h.value("cmdexec_processes_killed_total") == killed
 
 
+@pytest.mark.parametrize("wrapper", ["wirekit-limits", "prlimit"])
 async def test_limits_are_in_force_before_the_first_instruction(
-    start_cmdexec: StartCmdexec,
+    start_cmdexec: StartCmdexec, wrapper: str
 ) -> None:
     """Defect 6: a child forked at once got the server's limits (13 of 30 runs)."""
-    async with start_cmdexec(rlimit_nproc=77, rlimit_cpu_s=13, rlimit_as_bytes=1 << 30) as h:
+    async with start_cmdexec(
+        rlimit_nproc=77, rlimit_cpu_s=13, rlimit_as_bytes=1 << 30, rlimit_wrapper=wrapper
+    ) as h:
         for _ in range(10):
             res = await h.run(["sh", "-c", "(cat /proc/self/limits) & wait"])
             limits = {line[:26].strip(): line[26:].split()[:2]
@@ -155,14 +161,45 @@ async def test_limits_are_in_force_before_the_first_instruction(
 
 
 def test_commands_start_through_the_limits_wrapper() -> None:
-    """The mechanism behind defect 6's fix: the command line starts with util-linux's prlimit
-    (which sets the limits, then execs the command), so no instruction runs without them."""
+    """The mechanism behind defect 6's fix: the command line starts with an exec wrapper that
+    sets the limits, then execs the command, so no instruction runs without them. The static
+    wirekit-limits (beside the venv's python: make builds it) comes first."""
     spawner = Spawner({"nproc": 40, "cpu": 7})
     argv = spawner.argv("/usr/bin/true", ("x",))
+    assert argv == [os.path.join(os.path.dirname(sys.executable), "wirekit-limits"),
+                    "40", "7", "-", "/usr/bin/true", "x"]  # fmt: skip
+    assert spawner.mode == "wirekit-limits exec wrapper"
+    prlimit = Spawner({"nproc": 40, "cpu": 7}, "prlimit")
+    argv = prlimit.argv("/usr/bin/true", ("x",))
     assert argv[0].endswith("/prlimit")
     assert argv[1:] == ["--nproc=40:40", "--cpu=7:7", "--", "/usr/bin/true", "x"]
-    assert spawner.mode == "prlimit exec wrapper"
+    assert prlimit.mode == "prlimit exec wrapper"
     assert Spawner({}).argv("/usr/bin/true", ()) == ["/usr/bin/true"]
+    with pytest.raises(FileNotFoundError, match="prlimit"):
+        Spawner({"cpu": 1}, "prlimit", search="/nonexistent")
+
+
+@pytest.mark.parametrize(
+    ("limits", "status", "message"),
+    [
+        (["x", "-", "-", "/bin/true"], 126, b"NPROC: not a number or -"),
+        (["-", "-1", "-", "/bin/true"], 126, b"CPU: not a number or -"),
+        (["-", "-", "18446744073709551615", "/bin/true"], 126, b"AS: not a number or -"),
+        (["-", "-", "1"], 126, b"usage"),
+        (["-", "-", "-", "/nonexistent"], 127, b"/nonexistent: No such file or directory"),
+        (["-", "5", "-", "/bin/sh", "-c", "ulimit -t; echo $0 $1", "a", "b"], 0, b""),
+    ],
+)
+def test_the_limits_wrapper_refuses_what_it_cannot_do(
+    limits: list[str], status: int, message: bytes
+) -> None:
+    """wirekit-limits: a clear line and the shell's statuses (126 usage or limit, 127 exec)."""
+    helper = os.path.join(os.path.dirname(sys.executable), "wirekit-limits")
+    res = subprocess.run([helper, *limits], capture_output=True, timeout=10)
+    assert res.returncode == status
+    assert message in res.stderr
+    if status == 0:
+        assert res.stdout == b"5\na b\n"  # the limit, then argv passed as is
 
 
 async def test_an_absolute_path_on_the_allowlist_runs(start_cmdexec: StartCmdexec) -> None:

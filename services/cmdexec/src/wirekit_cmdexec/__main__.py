@@ -67,7 +67,7 @@ def build_context(
     metrics = CmdexecMetrics(registry)
     rlimits = {"nproc": settings.rlimit_nproc, "cpu": settings.rlimit_cpu_s,
                "as": settings.rlimit_as_bytes}  # fmt: skip
-    spawner = Spawner({k: v for k, v in rlimits.items() if v is not None})
+    spawner = Spawner({k: v for k, v in rlimits.items() if v is not None}, settings.rlimit_wrapper)
     policy = Policy(
         settings.allow, settings.arg_patterns, settings.child_path, settings.allow_shell
     )
@@ -175,6 +175,11 @@ def refuse_unsafe_start(settings: CmdexecSettings) -> None:
             file=sys.stderr,
         )
         raise SystemExit(2)
+    try:
+        Spawner({"cpu": 1}, settings.rlimit_wrapper)
+    except FileNotFoundError as exc:
+        print(f"wirekit-cmdexec: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     # Same-user commands must not read the token from our /proc files (environ, mem).
     make_undumpable()
     os.environ.pop("WIREKIT_CMDEXEC_TOKEN", None)

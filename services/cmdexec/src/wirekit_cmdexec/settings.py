@@ -106,6 +106,12 @@ class CmdexecSettings(TcpServiceSettings):
     rlimit_as_bytes: int | None = Field(
         2 * 1024**3, ge=1024**2, description="RLIMIT_AS (address space) of children, bytes."
     )
+    rlimit_wrapper: Literal["auto", "wirekit-limits", "prlimit"] = Field(
+        "auto",
+        description="Exec wrapper that sets the rlimits before the command's first instruction: "
+        "auto = wirekit-limits (in the image), else prlimit, else prlimit(2) right after spawn; "
+        "naming one makes its absence an error at start.",
+    )  # fmt: skip
     auth_failure_delay_s: float = Field(
         1.0, ge=0, description="Wait before answering a failed AUTH (slows guessing)."
     )
