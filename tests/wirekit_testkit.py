@@ -292,7 +292,8 @@ def service_process(
     module: str, *args: str, env: dict[str, str] | None = None
 ) -> Iterator[ServiceProcess]:
     """Run ``python -m module args`` (ports 0 where the caller says so); wait for its
-    "listening" log line; kill it at the end if the test did not stop it."""
+    "listening" log line (the supervisor's, with ``--workers``); kill it at the end if the test
+    did not stop it."""
     popen = subprocess.Popen([sys.executable, "-m", module, *args], stderr=subprocess.PIPE,
                              text=True, env={**os.environ, **(env or {})})  # fmt: skip
     assert popen.stderr is not None
@@ -302,7 +303,7 @@ def service_process(
         for line in popen.stderr:  # bounded: the process ends (and so the loop) on failure
             lines.append(line)
             record = json.loads(line)
-            if record.get("message") == "listening":
+            if record.get("message") == "listening" and "worker" not in record:
                 ports = record["ports"]
                 break
         assert ports, f"{module} did not start: {lines}"

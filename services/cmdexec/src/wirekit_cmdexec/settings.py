@@ -32,6 +32,10 @@ class CmdexecSettings(TcpServiceSettings):
         env_prefix="WIREKIT_CMDEXEC_", cli_prog_name="wirekit-cmdexec"
     )
     cli_forbidden: ClassVar[frozenset[str]] = frozenset({"token"})
+    per_instance: ClassVar[tuple[str, ...]] = (
+        *TcpServiceSettings.per_instance, "limit_runs", "auth_failure_burst_per_source",
+        "auth_failure_rate_per_source", "auth_failure_burst", "auth_failure_rate",
+    )  # fmt: skip
 
     port: int = Field(7100, ge=0, le=65535, description="TCP port for clients.")
     metrics_port: int = metrics_port_field(9710)

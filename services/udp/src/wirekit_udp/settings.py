@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -20,6 +22,10 @@ class UdpSettings(ServiceSettings):
     sources, per-source and global rate limits."""
 
     model_config = SettingsConfigDict(env_prefix="WIREKIT_UDP_", cli_prog_name="wirekit-udp")
+
+    per_instance: ClassVar[tuple[str, ...]] = (
+        "rate_per_source", "burst_per_source", "limit_sources", "rate_global", "burst_global",
+    )  # fmt: skip
 
     port: int = Field(7200, ge=0, le=65535, description="UDP port.")
     metrics_port: int = metrics_port_field(9720)

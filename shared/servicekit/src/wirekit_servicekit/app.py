@@ -20,6 +20,7 @@ from .logs import configure_logging
 from .metrics import MetricsServer, new_registry
 from .settings import ServiceSettings, load_settings
 from .tracing import setup_tracing
+from .workers import current, enter_worker, supervise
 
 __all__ = ["Build", "serve_service", "service_main"]
 
@@ -73,11 +74,21 @@ def service_main(
     if "--version" in args:
         print(f"{name} {version}")
         raise SystemExit(0)
-    settings = load_settings(settings_cls, args)
+    inherited = enter_worker()  # a worker of a supervisor: its settings come from there
+    settings = load_settings(settings_cls, args) if inherited is None else inherited
+    assert isinstance(settings, settings_cls)
     if check is not None:
         check(settings)
-    configure_logging(settings.log_level, name)
+    worker = current()
+    configure_logging(settings.log_level, name, worker=None if worker is None else worker.index)
     disable_created_metrics()  # type: ignore[no-untyped-call]  # process-wide: once, here
+    count = settings.worker_count
+    if worker is None and count > 1:
+        logging.getLogger(name.replace("-", "_")).info(
+            f"starting {name}", extra={"version": version, "workers": count}
+        )
+        module = name.replace("-", "_")
+        raise SystemExit(asyncio.run(supervise(settings, name, module, count, new_registry())))
     factory, loop = event_loop_factory(settings.event_loop)
     logging.getLogger(name.replace("-", "_")).info(
         f"starting {name}", extra={"version": version, "event_loop": loop}

@@ -36,6 +36,8 @@ from typing import Any, Protocol
 
 from .metrics import ConnectionMetrics, MetricsServer
 from .settings import ServiceSettings, TcpServiceSettings
+from .workers import announce
+from .workers import current as current_worker
 
 __all__ = [
     "REJECT_REASONS",
@@ -426,22 +428,28 @@ async def run(
     endpoints: list[asyncio.BaseTransport] = []
     tasks: list[asyncio.Task[None]] = []
     hubs = [lst.hub for lst in listeners if isinstance(lst, Listener)]
+    # A worker (--workers) shares its ports with the others: SO_REUSEPORT, and the ports the
+    # first worker bound (port 0 resolved).
+    worker = current_worker()
+    shared = worker is not None
     metrics.start()
     try:
         bound: dict[str, int] = {}
         for lst in listeners:
             if isinstance(lst, Background):
                 continue
+            port = worker.ports.get(lst.name, lst.port) if worker is not None else lst.port
             if isinstance(lst, DatagramListener):
                 transport, _ = await loop.create_datagram_endpoint(
-                    lst.factory, local_addr=(lst.host, lst.port)
+                    lst.factory, local_addr=(lst.host, port), reuse_port=shared
                 )
                 endpoints.append(transport)
                 bound[lst.name] = transport.get_extra_info("sockname")[1]
                 continue
             server = await loop.create_server(
-                lst.factory, lst.host, lst.port, reuse_address=True, backlog=1024, ssl=lst.ssl
-            )
+                lst.factory, lst.host, port, reuse_address=True, reuse_port=shared,
+                backlog=1024, ssl=lst.ssl,
+            )  # fmt: skip
             servers.append(server)
             bound[lst.name] = server.sockets[0].getsockname()[1]
         bound["metrics"] = metrics.port
@@ -453,6 +461,7 @@ async def run(
         )
         if on_ready is not None:
             on_ready(bound)
+        announce(bound)  # to the supervisor, in a worker
         await stop.wait()
 
         metrics.ready = False

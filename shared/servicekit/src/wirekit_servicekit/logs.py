@@ -25,14 +25,20 @@ class TraceContextFilter(logging.Filter):
         return True
 
 
-def configure_logging(level: str, service: str, stream: TextIO | None = None) -> None:
-    """Route the root logger to ``stream`` (stderr) as JSON lines, replacing earlier handlers."""
+def configure_logging(
+    level: str, service: str, stream: TextIO | None = None, worker: int | None = None
+) -> None:
+    """Route the root logger to ``stream`` (stderr) as JSON lines, replacing earlier handlers.
+    A worker process (``--workers``) adds its index to every line."""
     handler = logging.StreamHandler(stream or sys.stderr)
+    static: dict[str, object] = {"service": service}
+    if worker is not None:
+        static["worker"] = worker
     handler.setFormatter(
         JsonFormatter(
             _FIELDS,
             rename_fields={"levelname": "level", "name": "logger"},
-            static_fields={"service": service},
+            static_fields=static,
             timestamp="time",  # ISO 8601, UTC
         )
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Self, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, Self, TypeVar
 
 from pydantic import Field, ValidationError
 from pydantic.fields import FieldInfo
@@ -77,6 +77,8 @@ class ServiceSettings(BaseSettings):
 
     #: Fields never taken from the command line (secrets: argv is readable by every user).
     cli_forbidden: ClassVar[frozenset[str]] = frozenset()
+    #: Limits that hold for the whole instance: with N workers each worker enforces 1/N.
+    per_instance: ClassVar[tuple[str, ...]] = ()
 
     host: str = Field(
         "127.0.0.1",
@@ -92,10 +94,25 @@ class ServiceSettings(BaseSettings):
     event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
         "auto", description="Event loop: uvloop when installed (auto), or the standard one."
     )
+    workers: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        1,
+        description="Worker processes sharing the ports (SO_REUSEPORT) under one supervisor "
+        "that serves the instance's metrics; auto = the CPUs this process may use (affinity "
+        "and cgroup quota). Per-instance limits are divided among them.",
+    )
 
     @property
     def metrics_bind(self) -> str:
         return self.metrics_host if self.metrics_host is not None else self.host
+
+    @property
+    def worker_count(self) -> int:
+        """``workers`` as a number (``auto`` resolved)."""
+        if self.workers == "auto":
+            from .workers import cpu_count
+
+            return cpu_count()
+        return self.workers
 
     @property
     def drain_grace_s(self) -> float:
@@ -145,6 +162,8 @@ class ServiceSettings(BaseSettings):
 
 class TcpServiceSettings(ServiceSettings):
     """The settings of a TCP service: connection limits and timeouts (echo, cmdexec)."""
+
+    per_instance: ClassVar[tuple[str, ...]] = ("limit_connections", "limit_connections_per_source")
 
     limit_connections: int = Field(
         1024,
