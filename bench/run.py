@@ -268,9 +268,10 @@ def main() -> None:
     )
     p.add_argument(
         "--only",
-        choices=("all", "echo", "cmdexec"),
+        choices=("all", "echo", "cmdexec", "workers"),
         default="all",
-        help="echo: the TCP echo tables only; cmdexec: the cmdexec bench only",
+        help="echo: the TCP echo tables only; cmdexec: the cmdexec bench only; workers: "
+        "wirekit echo with 1 and 2 workers only",
     )
     args = p.parse_args()
     # SIGTERM (timeout, kill) ends like Ctrl-C: the finally below stops every server started.
@@ -304,7 +305,7 @@ def main() -> None:
         tcp.insert(4, xi)
     if args.only == "echo":
         udp = []
-    if args.only == "cmdexec":
+    if args.only in ("cmdexec", "workers"):
         tcp, udp, xi = [], [], None
     everything = tcp + udp
     stop_scraping = threading.Event()
@@ -313,7 +314,7 @@ def main() -> None:
                  "python": platform.python_version(), "reps": args.reps,
                  "duration_s": args.duration, "load": "10,000 msgs/s paced unless closed loop"},
         "paced": [], "closed": [], "udp": [], "cold": [], "nagle": [], "idle": {},
-        "cmdexec": {}, "framing": {}, "baseline": args.baseline,
+        "cmdexec": {}, "framing": {}, "workers": [], "baseline": args.baseline,
     }  # fmt: skip
     try:
         for server in everything:
@@ -368,6 +369,8 @@ def main() -> None:
         for server in everything:
             server.stop()
         sink.shutdown()
+    if args.only in ("all", "workers"):
+        report["workers"] = workers_table(args.reps, args.duration, on)
     if args.only in ("all", "cmdexec"):
         log("cmdexec")
         extra = ["--baseline", str(baseline)] if baseline is not None else []
@@ -388,6 +391,37 @@ def main() -> None:
             f.write(json.dumps({"meta": report["meta"], "headline": headline(report)}) + "\n")
         plot(report, RESULTS / "throughput.png")
     print(md)
+
+
+def workers_table(reps: int, duration: float, env: dict[str, str]) -> list[dict[str, Any]]:
+    """wirekit echo with 1 and 2 workers, interleaved: server CPU per message at a paced load
+    (the fair figure when the load generator needs a core of its own) and closed-loop msgs/s."""
+    servers = []
+    for n, port in ((1, 18210), (2, 18220)):
+        server = wirekit_echo(f"wirekit --workers {n}", port, port + 700, env)
+        server.cmd += ["--workers", str(n)]
+        server.ready = f"http:{port + 700}"  # the supervisor is ready once every worker is
+        servers.append(server)
+    rows: list[dict[str, Any]] = []
+    try:
+        for server in servers:
+            server.start()
+        for rep in range(reps):
+            for server in servers:
+                log(f"workers: paced raw 100B x100, {server.name}")
+                r = measure(server, "tcp", server.port, size=100, conns=100, rate=10000,
+                            duration=duration, warmup=0.3)  # fmt: skip
+                rows.append({**r, "server": server.name, "load": "paced", "rep": rep})
+                for conns in (10, 100):
+                    log(f"workers: closed raw 100B x{conns}, {server.name}")
+                    r = measure(server, "tcp", server.port, size=100, conns=conns, rate=0,
+                                duration=duration, warmup=0.3)  # fmt: skip
+                    rows.append({**r, "server": server.name, "load": f"closed x{conns}",
+                                 "rep": rep})  # fmt: skip
+    finally:
+        for server in servers:
+            server.stop()
+    return rows
 
 
 def cold_start(duration: float, env: dict[str, str]) -> list[dict[str, Any]]:
@@ -564,6 +598,27 @@ def render(report: dict[str, Any]) -> str:
         idle = report["idle"]
         lines += ["", f"## Idle connections: {idle['connections']:,} held, echo RSS "
                   f"{idle['rss_before_mib']:.1f} MiB before, {idle['rss_held_mib']:.1f} MiB while held", ""]  # fmt: skip
+    if report.get("workers"):
+        rows = report["workers"]
+        one = "wirekit --workers 1"
+        lines += ["## Workers: wirekit echo, raw 100 B, 1 against 2 workers", "",
+                  "Server CPU includes the supervisor and every worker. On 2 cores the load "
+                  "generator takes one, so msgs/s cannot double here (see bench/RESULTS.md).", "",
+                  "| server | paced ×100: CPU µs/msg | closed ×10: msgs/s | closed ×100: msgs/s |",
+                  "|---|---|---|---|"]  # fmt: skip
+        for server in dict.fromkeys(r["server"] for r in rows):
+            cpu = _median(rows, "cpu_us_per_msg", server=server, load="paced")
+            cells = [
+                f"{cpu:.1f} [{_spread(rows, 'cpu_us_per_msg', server=server, load='paced')}]"
+                f" ({cpu / _median(rows, 'cpu_us_per_msg', server=one, load='paced'):.2f}×)"
+            ]
+            for load in ("closed x10", "closed x100"):
+                v = _median(rows, "msgs_per_s", server=server, load=load)
+                cells.append(
+                    f"{v:,.0f} ({v / _median(rows, 'msgs_per_s', server=one, load=load):.2f}×)"
+                )
+            lines.append(f"| {server} | " + " | ".join(cells) + " |")
+        lines.append("")
     if report["cmdexec"]:
         cx = report["cmdexec"]
         lines += ["## cmdexec", "", "| what | p50 ms | p99 ms |", "|---|---|---|"]

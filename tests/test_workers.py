@@ -129,6 +129,28 @@ def test_sigterm_drains_every_worker_without_losing_a_reply() -> None:
         proc.assert_clean_log()
 
 
+def test_ctrl_c_in_a_terminal_drains_once() -> None:
+    """A terminal sends SIGINT to its whole foreground process group. The workers are in a
+    group of their own, so they get it once, forwarded (twice would force-close them: exit 1)."""
+    popen = subprocess.Popen(
+        [sys.executable, "-m", "wirekit_echo", "--workers", "2", *ECHO_PORTS],
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    assert popen.stderr is not None
+    try:
+        for line in popen.stderr:
+            if '"listening"' in line and '"worker"' not in line:
+                break
+        os.killpg(popen.pid, signal.SIGINT)  # its own session's group, as a terminal would
+        _, err = popen.communicate(timeout=30)
+    finally:
+        if popen.poll() is None:
+            popen.kill()
+            popen.wait(10)
+    assert popen.returncode == 0, err
+    assert "second signal" not in err
+
+
 def test_a_worker_that_cannot_start_stops_the_instance() -> None:
     with socket.socket() as taken:  # a port held without SO_REUSEPORT: no worker can join it
         taken.bind(("127.0.0.1", 0))

@@ -258,9 +258,17 @@ async def supervise(
         ready_r, ready_w = os.pipe()
         env = {**os.environ, WORKER_ENV: f"{settings_r},{ready_w}"}
         try:
+            # Its own process group: a terminal's Ctrl-C reaches the supervisor only, which
+            # forwards it once (twice would force-close the workers' connections).
             slot.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", module, env=env, pass_fds=(settings_r, ready_w),
+                process_group=0,
             )  # fmt: skip
+        except OSError:
+            os.close(settings_w)
+            os.close(ready_r)
+            log.exception("could not start a worker", extra={"worker": slot.index})
+            return False
         finally:
             os.close(settings_r)
             os.close(ready_w)
@@ -298,8 +306,7 @@ async def supervise(
                 if not await start(slot) and slot.proc is not None:
                     with contextlib.suppress(ProcessLookupError):
                         slot.proc.kill()
-            assert slot.proc is not None
-            slot.returncode = await slot.proc.wait()
+            slot.returncode = None if slot.proc is None else await slot.proc.wait()
             slot.ready = False
             metrics.ready = False
             instance.retire(slot)
