@@ -14,7 +14,15 @@ from concurrent.futures import ThreadPoolExecutor
 import docker
 import pytest
 from testcontainers.core.container import DockerContainer
-from wirekit_testkit import VERSION, hardened, host_port, recv_exactly, wait_ready, wait_until
+from wirekit_testkit import (
+    VERSION,
+    hardened,
+    host_port,
+    recv_exactly,
+    scrape,
+    wait_ready,
+    wait_until,
+)
 
 from wirekit_framing import FramingError, recv_frame, send_frame
 
@@ -139,6 +147,28 @@ def test_docker_stop_during_traffic_delivers_replies_and_exits_zero(
     assert sum(replies) > 0
     logs = wrapped.logs().decode()
     assert "every connection finished" in logs or "closed the rest" in logs
+
+
+def test_two_workers_in_the_image_serve_one_instance(
+    images: dict[str, str], start: Start
+) -> None:
+    """--workers in the hardened image (non-root, read-only, no capability): both workers
+    serve through the published ports, /metrics adds them up, docker stop drains them: 0."""
+    container = _started_echo(images, start, WIREKIT_ECHO_WORKERS="2")
+    metrics = f"http://127.0.0.1:{host_port(container, '9700/tcp')}/metrics"
+    wait_until(lambda: scrape(metrics, "echo_workers", state="up") == 2, 30, "2 workers up")
+    ports = {m: host_port(container, p) for m, p in (("raw", "7000/tcp"), ("framed", "7001/tcp"))}
+    sent = sum(_session(ports["raw"], "raw", seed) for seed in range(20))
+    wait_until(lambda: scrape(metrics, "echo_received_bytes_total", mode="raw") == sent, 10, "sum")
+    wrapped = container.get_wrapped_container()
+    top = wrapped.top()
+    assert len(top["Processes"]) == 4  # tini, the supervisor, two workers
+    wrapped.stop(timeout=20)
+    wrapped.reload()
+    assert wrapped.attrs["State"]["ExitCode"] == 0
+    logs = wrapped.logs().decode()
+    assert "Traceback" not in logs
+    assert '"level": "ERROR"' not in logs
 
 
 @pytest.mark.parametrize(
