@@ -149,9 +149,7 @@ def test_docker_stop_during_traffic_delivers_replies_and_exits_zero(
     assert "every connection finished" in logs or "closed the rest" in logs
 
 
-def test_two_workers_in_the_image_serve_one_instance(
-    images: dict[str, str], start: Start
-) -> None:
+def test_two_workers_in_the_image_serve_one_instance(images: dict[str, str], start: Start) -> None:
     """--workers in the hardened image (non-root, read-only, no capability): both workers
     serve through the published ports, /metrics adds them up, docker stop drains them: 0."""
     container = _started_echo(images, start, WIREKIT_ECHO_WORKERS="2")
