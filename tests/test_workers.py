@@ -129,6 +129,17 @@ def test_sigterm_drains_every_worker_without_losing_a_reply() -> None:
         proc.assert_clean_log()
 
 
+def test_a_worker_hung_past_the_drain_is_killed() -> None:
+    """Every wait has a deadline: a worker that does not exit within the drain time (plus a
+    margin) is killed, and the instance reports the failure (1)."""
+    with echo("--workers", "2", "--timeout-drain-s", "0") as proc:
+        hung = workers_of(proc)[0]
+        os.kill(hung, signal.SIGSTOP)  # it will not even see the SIGTERM
+        status = stop(proc)
+        assert status == 1
+        assert any('"worker still running past the drain: killed"' in line for line in proc.lines)
+
+
 def test_ctrl_c_in_a_terminal_drains_once() -> None:
     """A terminal sends SIGINT to its whole foreground process group. The workers are in a
     group of their own, so they get it once, forwarded (twice would force-close them: exit 1)."""

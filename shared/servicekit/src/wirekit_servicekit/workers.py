@@ -67,6 +67,8 @@ BACKOFF_MIN_S = 0.5
 BACKOFF_MAX_S = 30.0
 #: A worker must report ready within this time, or it is killed and replaced.
 START_TIMEOUT_S = 60.0
+#: After SIGTERM, a worker still running ``drain_grace_s`` plus this is killed.
+STOP_MARGIN_S = 10.0
 _PR_SET_PDEATHSIG = 1
 
 
@@ -241,9 +243,23 @@ async def supervise(
     ports: dict[str, int] = {}
     all_ready = asyncio.Event()
 
+    deadline: list[asyncio.TimerHandle] = []
+
+    def kill_stragglers() -> None:
+        for slot in slots:
+            if slot.proc is not None and slot.proc.returncode is None:
+                log.warning("worker still running past the drain: killed",
+                            extra={"worker": slot.index})  # fmt: skip
+                with contextlib.suppress(ProcessLookupError):
+                    slot.proc.kill()
+
     def on_signal(signum: int) -> None:
         log.info("signal received: forwarding to the workers", extra={"signal": signum})
         stopping.set()
+        if not deadline:  # the workers drain within drain_grace_s; a hung one is not waited for
+            deadline.append(
+                loop.call_later(settings.drain_grace_s + STOP_MARGIN_S, kill_stragglers)
+            )
         for slot in slots:
             if slot.proc is not None and slot.proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -333,7 +349,7 @@ async def supervise(
             await asyncio.sleep(0.1)
 
     metrics.start()
-    tasks: list[asyncio.Task[None]] = []
+    tasks: list[asyncio.Task[None]] = []  # one per slot, then the readiness watcher
     try:
         began = time.monotonic()
         if not await start(slots[0]):  # worker 0 binds the ports the others join
@@ -341,7 +357,7 @@ async def supervise(
             return 1
         tasks = [loop.create_task(keep(slots[0], began))]
         tasks += [loop.create_task(keep(slot)) for slot in slots[1:]]
-        watcher = loop.create_task(readiness())
+        tasks.append(loop.create_task(readiness()))
         waits = [loop.create_task(e.wait()) for e in (all_ready, stopping)]
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         for w in waits:
@@ -353,11 +369,11 @@ async def supervise(
                 extra={"host": settings.host, "workers": count,
                        "ports": {**ports, "metrics": metrics.port}},
             )  # fmt: skip
-        await asyncio.gather(*tasks)
-        watcher.cancel()
-        tasks.append(watcher)
+        await asyncio.gather(*tasks[: len(slots)])
     finally:
         stopping.set()
+        for handle in deadline:
+            handle.cancel()
         for slot in slots:
             if slot.proc is not None and slot.proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
