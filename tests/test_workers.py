@@ -82,7 +82,8 @@ def test_two_workers_share_the_ports_and_their_metrics_add_up() -> None:
         assert proc.value("echo_connections_opened_total", mode="raw") == 40
         assert proc.value("echo_received_bytes_total", mode="raw") == sum(range(1, 41))
         assert proc.value("echo_frames_total") == 3
-        assert http_get(proc.url("/readyz"))[0] == 200
+        restarts = proc.value("echo_worker_restarts_total")
+        assert http_get(proc.url("/readyz"))[0] == 200, (restarts, proc.lines)
         assert stop(proc) == 0
         proc.assert_clean_log()
 

@@ -148,6 +148,8 @@ class MetricsServer:
 
     def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
         self.ready = False
+        #: When set, /readyz asks it instead of reading ``ready`` (a supervisor's workers).
+        self.readiness: Callable[[], bool] | None = None
         self._metrics_app = make_wsgi_app(registry)
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[
             0
@@ -169,7 +171,7 @@ class MetricsServer:
         if path == "/healthz":
             return _plain(start_response, 200, b"ok\n")
         if path == "/readyz":
-            if self.ready:
+            if self.readiness() if self.readiness is not None else self.ready:
                 return _plain(start_response, 200, b"ready\n")
             return _plain(start_response, 503, b"not ready\n")
         if path == "/metrics":

@@ -324,7 +324,6 @@ async def supervise(
                         slot.proc.kill()
             slot.returncode = None if slot.proc is None else await slot.proc.wait()
             slot.ready = False
-            metrics.ready = False
             instance.retire(slot)
             if stopping.is_set():
                 return
@@ -343,13 +342,10 @@ async def supervise(
                 return
             began = None
 
-    async def readiness() -> None:
-        while True:
-            metrics.ready = all(s.ready for s in slots) and not stopping.is_set()
-            await asyncio.sleep(0.1)
-
+    # Asked at each /readyz (from the metrics thread): every worker serves, no stop begun.
+    metrics.readiness = lambda: all(s.ready for s in slots) and not stopping.is_set()
     metrics.start()
-    tasks: list[asyncio.Task[None]] = []  # one per slot, then the readiness watcher
+    tasks: list[asyncio.Task[None]] = []  # one per slot
     try:
         began = time.monotonic()
         if not await start(slots[0]):  # worker 0 binds the ports the others join
@@ -357,7 +353,6 @@ async def supervise(
             return 1
         tasks = [loop.create_task(keep(slots[0], began))]
         tasks += [loop.create_task(keep(slot)) for slot in slots[1:]]
-        tasks.append(loop.create_task(readiness()))
         waits = [loop.create_task(e.wait()) for e in (all_ready, stopping)]
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         for w in waits:
@@ -369,7 +364,7 @@ async def supervise(
                 extra={"host": settings.host, "workers": count,
                        "ports": {**ports, "metrics": metrics.port}},
             )  # fmt: skip
-        await asyncio.gather(*tasks[: len(slots)])
+        await asyncio.gather(*tasks)
     finally:
         stopping.set()
         for handle in deadline:
