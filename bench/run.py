@@ -522,33 +522,13 @@ def render(report: dict[str, Any]) -> str:
                 cells = []
                 for size in (100, 1024, 16384):
                     for conns in (10, 100):
-                        v = _median(
-                            paced,
-                            "cpu_us_per_msg",
-                            server=server,
-                            mode=mode,
-                            size=size,
-                            conns=conns,
-                        )
+                        cell = {"mode": mode, "size": size, "conns": conns}
+                        v = _median(paced, "cpu_us_per_msg", server=server, **cell)
                         if v != v:
                             cells.append("–")
                             continue
-                        r = v / _median(
-                            paced,
-                            "cpu_us_per_msg",
-                            server=REF_TCP,
-                            mode=mode,
-                            size=size,
-                            conns=conns,
-                        )
-                        spread = _spread(
-                            paced,
-                            "cpu_us_per_msg",
-                            server=server,
-                            mode=mode,
-                            size=size,
-                            conns=conns,
-                        )
+                        r = v / _median(paced, "cpu_us_per_msg", server=REF_TCP, **cell)
+                        spread = _spread(paced, "cpu_us_per_msg", server=server, **cell)
                         cells.append(f"{v:.1f} [{spread}] ({r:.2f}×)")
                 if any(c != "–" for c in cells):
                     lines.append(f"| {server} | " + " | ".join(cells) + " |")
