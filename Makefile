@@ -20,7 +20,7 @@ COMPOSE     ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker co
 STACK_NAME  ?= wirekit
 STACK       := $(COMPOSE) -p $(STACK_NAME) -f deploy/compose.yaml $(if $(OFFLINE),-f deploy/compose.offline.yaml)
 
-.PHONY: help install run check test lint fmt lock clean wheelhouse images base-image up down bench soak mutants
+.PHONY: help install run check test lint fmt lock clean wheelhouse images base-image up down stack-up stack-down bench soak mutants
 .DEFAULT_GOAL := help
 
 #: The virtualenv is up to date when this stamp is newer than the pins and the members' metadata.
@@ -113,6 +113,14 @@ endif
 
 down: ## stop the stack (give OFFLINE=1 if it was started so); its data volume stays
 	IMAGE_TAG=$(IMAGE_TAG) $(STACK) down
+
+SWARM_STACK ?= wirekit
+stack-up: images ## 3 replicas of each service + Prometheus on Docker Swarm (deploy/stack.yaml)
+	docker build -q --build-arg BASE_IMAGE=$(BASE_IMAGE) -t wirekit-prometheus:$(IMAGE_TAG) deploy/prometheus
+	IMAGE_TAG=$(IMAGE_TAG) bash deploy/swarm.sh up $(SWARM_STACK)
+
+stack-down: ## remove the swarm stack (the swarm itself stays: docker swarm leave --force)
+	IMAGE_TAG=$(IMAGE_TAG) bash deploy/swarm.sh down $(SWARM_STACK)
 
 clean: ## remove the venv, the wheelhouse and caches
 	rm -rf $(VENV) wheelhouse .mypy_cache .pytest_cache .ruff_cache .hypothesis

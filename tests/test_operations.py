@@ -91,6 +91,7 @@ def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
     "args",
     [
         pytest.param(("check", "config", "prometheus.yml"), id="check-config"),
+        pytest.param(("check", "config", "swarm.yml"), id="check-config-swarm"),
         pytest.param(("check", "rules", "rules/wirekit.yml"), id="check-rules"),
         pytest.param(("test", "rules", "rules-tests/wirekit.test.yaml"), id="test-rules"),
     ],
