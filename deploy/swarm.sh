@@ -35,7 +35,8 @@ converged() {
 }
 
 gone() {
-  [ -z "$(docker stack ps "$name" -q 2>/dev/null)" ] \
+  # The stack's containers (they drain before they exit) and its network no longer exist.
+  [ -z "$(docker ps -aq --filter "label=com.docker.stack.namespace=$name")" ] \
     && ! docker network inspect "${name}_net" >/dev/null 2>&1
 }
 
@@ -56,7 +57,7 @@ case "$action" in
     ;;
   down)
     docker stack rm "$name"
-    wait_for "$name's tasks and network to be removed" gone
+    wait_for "$name's containers and network to be removed" gone
     ;;
   *)
     echo "usage: swarm.sh up|down NAME" >&2

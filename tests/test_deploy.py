@@ -12,9 +12,11 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import docker
 import pytest
+import yaml
 from docker.errors import NotFound
 from wirekit_testkit import Prometheus, wait_until
 
@@ -54,6 +56,59 @@ def test_compose_publishes_on_loopback_only_and_runs_hardened() -> None:
     assert services.count("<<: *hardened") == 3
     for line in ("read_only: true", "cap_drop: [ALL]", "no-new-privileges:true"):
         assert line in text
+
+
+def _stack_services() -> dict[str, Any]:
+    """deploy/stack.yaml as `docker stack deploy` reads it (variables and anchors resolved)."""
+    docker = shutil.which("docker")
+    if docker is None:
+        if os.environ.get("CI"):
+            pytest.fail("docker (the CLI) is not installed")
+        pytest.skip("no docker CLI")
+    env = {**os.environ, "IMAGE_TAG": "t", "CMDEXEC_TOKEN_FILE": "/dev/null"}
+    command = [docker, "stack", "config", "-c", "deploy/stack.yaml"]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=60, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    services: dict[str, Any] = yaml.safe_load(result.stdout)["services"]
+    return services
+
+
+def test_stack_runs_every_service_hardened_replicated_and_reachable_by_dns() -> None:
+    """What the swarm test cannot see from outside: every service hardened, on dnsrr (no VIP,
+    no ingress: nothing published), updated start-first with rollback, stopped only after the
+    drain (the services' 8 s timeout_drain_s), limited in CPU and memory."""
+    services = _stack_services()
+    assert set(services) == {"echo", "cmdexec", "udp", "prometheus"}
+    for name, svc in services.items():
+        assert svc["read_only"] is True, name
+        assert svc["cap_drop"] == ["ALL"], name
+        assert svc["deploy"]["endpoint_mode"] == "dnsrr", name
+        assert "ports" not in svc, name
+        assert "limits" in svc["deploy"]["resources"], name
+    for name in ("echo", "cmdexec", "udp"):
+        svc = services[name]
+        assert svc["image"] == f"wirekit-{name}:t"
+        assert svc["deploy"]["replicas"] == 3
+        update = svc["deploy"]["update_config"]
+        assert (update["order"], update["parallelism"], update["failure_action"]) == (
+            "start-first",
+            1,
+            "rollback",
+        )
+        assert "rollback_config" in svc["deploy"]
+        assert svc["healthcheck"]["test"][-1] == str(
+            {"echo": 9700, "cmdexec": 9710, "udp": 9720}[name]
+        )
+        grace = float(svc["stop_grace_period"].removesuffix("s"))
+        assert grace > 8 + 2, name  # the drain, then the last replies' 2 s
+        assert {"type": "tmpfs", "target": "/tmp", "tmpfs": {"size": 16777216}} in svc["volumes"]
+    secret = services["cmdexec"]["secrets"][0]
+    assert (secret["target"], secret["uid"], secret["mode"]) == (
+        "wirekit_cmdexec_token",
+        "10001",
+        0o400,
+    )
 
 
 def test_offline_compose_override_is_valid() -> None:
