@@ -4,7 +4,8 @@
 #   deploy/swarm.sh down NAME   remove the stack (services, network, secret, configs) and wait
 # The images wirekit-{echo,cmdexec,udp,prometheus}:$IMAGE_TAG must exist (make stack-up builds
 # them). CMDEXEC_TOKEN_FILE (default deploy/secrets/cmdexec_token, made here if missing, mode
-# 0600) holds the token clients use. The swarm is left in place: `docker swarm leave --force`.
+# 0600) holds the token clients use; write a new one there and run `up` again to rotate it.
+# The swarm is left in place: `docker swarm leave --force`.
 set -euo pipefail
 cd "$(dirname "$0")"
 action=${1:?usage: swarm.sh up|down NAME}
@@ -27,11 +28,15 @@ wait_for() {
 }
 
 converged() {
-  # Every service of the stack runs as many replicas as it asks for.
-  local lines
+  # Every service of the stack runs as many replicas as it asks for, and none is being updated.
+  local lines ids
   lines=$(docker stack services "$name" --format '{{.Replicas}}') || return 1
   [ -n "$lines" ] || return 1
-  ! grep -qvE '^([0-9]+)/\1( |$)' <<<"$lines"
+  grep -qvE '^([0-9]+)/\1( |$)' <<<"$lines" && return 1
+  ids=$(docker stack services "$name" -q) || return 1
+  # shellcheck disable=SC2086
+  ! docker service inspect $ids --format '{{if .UpdateStatus}}{{.UpdateStatus.State}}{{end}}' \
+    | grep -qE 'updating|rollback_started'
 }
 
 gone() {
@@ -51,8 +56,23 @@ case "$action" in
       (umask 077 && python3 -c 'import secrets; print(secrets.token_urlsafe(32))' >"$CMDEXEC_TOKEN_FILE")
       echo "swarm.sh: wrote a new cmdexec token to $CMDEXEC_TOKEN_FILE"
     fi
+    export SWARM_STACK="$name"
+    CMDEXEC_TOKEN_VERSION=$(stat -c %Y "$CMDEXEC_TOKEN_FILE")
+    PROMETHEUS_CONFIG_VERSION=$(sha256sum prometheus/swarm.yml | cut -c1-12)
+    PROMETHEUS_RULES_VERSION=$(sha256sum prometheus/rules/wirekit.yml | cut -c1-12)
+    export CMDEXEC_TOKEN_VERSION PROMETHEUS_CONFIG_VERSION PROMETHEUS_RULES_VERSION
     docker stack deploy --resolve-image never -c stack.yaml "$name"
+    sleep 2  # a changed service enters "updating" a moment after the deploy returns
     wait_for "every replica of $name running" converged
+    # Secrets and configs of earlier deploys (a rotated token, an edited config), once no task
+    # uses them: removal fails for one still in use, which is then left for the next deploy.
+    current=" ${name}_cmdexec_token_$CMDEXEC_TOKEN_VERSION ${name}_prometheus_$PROMETHEUS_CONFIG_VERSION ${name}_rules_$PROMETHEUS_RULES_VERSION "
+    for kind in secret config; do
+      docker "$kind" ls --filter "label=com.docker.stack.namespace=$name" --format '{{.Name}}' \
+        | while read -r old; do
+            [[ "$current" == *" $old "* ]] || docker "$kind" rm "$old" >/dev/null 2>&1 || true
+          done
+    done
     docker stack services "$name"
     ;;
   down)

@@ -65,7 +65,9 @@ def _stack_services() -> dict[str, Any]:
         if os.environ.get("CI"):
             pytest.fail("docker (the CLI) is not installed")
         pytest.skip("no docker CLI")
-    env = {**os.environ, "IMAGE_TAG": "t", "CMDEXEC_TOKEN_FILE": "/dev/null"}
+    env = {**os.environ, "IMAGE_TAG": "t", "CMDEXEC_TOKEN_FILE": "/dev/null", "SWARM_STACK": "s",
+           "CMDEXEC_TOKEN_VERSION": "1", "PROMETHEUS_CONFIG_VERSION": "2",
+           "PROMETHEUS_RULES_VERSION": "3"}  # fmt: skip
     command = [docker, "stack", "config", "-c", "deploy/stack.yaml"]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=60, check=False)  # fmt: skip

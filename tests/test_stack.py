@@ -45,11 +45,35 @@ FOLLOW_S = REFRESH_S + 2 * SCRAPE_S + 5.0
 class Stack:
     name: str
     probe: Container
-    token: str
+    token_file: Path
     client: docker.DockerClient
+    make: list[str]
+    env: dict[str, str]
 
-    def run(self, *args: str, env: dict[str, str] | None = None) -> str:
-        code, out = self.probe.exec_run(list(args), environment=env or {}, demux=False)
+    @property
+    def token(self) -> str:
+        return self.token_file.read_text().strip()
+
+    def deploy(self) -> None:
+        """`make stack-up`, as a user runs it on a stack that is already up."""
+        up = subprocess.run([*self.make, "stack-up"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=900, check=False, env=self.env)  # fmt: skip
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+
+    def cmdexec_hostnames(self, token: str) -> dict[str, str]:
+        """Each cmdexec replica's address -> what `hostname` printed there, or the error."""
+        answers = {}
+        for ip in self.probe_json("resolve", "tasks.cmdexec"):
+            code, out = self.probe.exec_run(
+                ["wirekit-cmdexec-client", "run", "--host", ip, "--", "hostname"],
+                environment={"WIREKIT_CMDEXEC_TOKEN": token},
+            )
+            text = out.decode(errors="replace").strip()
+            answers[ip] = text if code == 0 else f"exit {code}: {text}"
+        return answers
+
+    def run(self, *args: str) -> str:
+        code, out = self.probe.exec_run(list(args))
         text: str = out.decode(errors="replace")
         assert code == 0, f"{args} in the probe: {code}\n{text[-3000:]}"
         return text
@@ -112,7 +136,7 @@ def stack(
             cap_drop=["ALL"], network=f"{name}_net", name=f"{name}-probe",
             volumes={str(ROOT / "tests/stack_probe.py"): {"bind": PROBE, "mode": "ro"}},
         )  # fmt: skip
-        yield Stack(name, probe, token_file.read_text().strip(), docker_client)
+        yield Stack(name, probe, token_file, docker_client, make, env)
     finally:
         if probe is not None:
             with contextlib.suppress(NotFound):
@@ -170,11 +194,7 @@ def test_clients_on_the_network_reach_every_replica(stack: Stack) -> None:
     assert set(stack.probe_json("udp", "udp", "7200")) == set(
         stack.probe_json("resolve", "tasks.udp")
     )
-    hostnames = set()
-    for ip in stack.probe_json("resolve", "tasks.cmdexec"):
-        out = stack.run("wirekit-cmdexec-client", "run", "--host", ip, "--", "hostname",
-                        env={"WIREKIT_CMDEXEC_TOKEN": stack.token})  # fmt: skip
-        hostnames.add(out.strip())
+    hostnames = set(stack.cmdexec_hostnames(stack.token).values())
     replica_ids = {c.id[:12] for c in stack.client.containers.list(
         filters={"label": f"com.docker.swarm.service.name={stack.name}_cmdexec"})}  # fmt: skip
     assert hostnames == replica_ids
@@ -219,7 +239,8 @@ def test_a_rolling_update_under_load_loses_no_frame(stack: Stack) -> None:
     assert not after & before
     replaced = [t for t in svc.tasks() if t["ID"] in before]
     assert [t["Status"]["ContainerStatus"]["ExitCode"] for t in replaced] == [0] * REPLICAS
-    assert len(result["peers"]) > REPLICAS, result  # clients moved to the new replicas
+    new_ips = set(stack.probe_json("resolve", "tasks.echo"))
+    assert new_ips & set(result["peers"]), result  # clients moved to the new replicas
     wait_until(lambda: stack.follows("echo", REPLICAS), FOLLOW_S, "Prometheus on the new replicas")
 
 
@@ -250,3 +271,21 @@ def test_a_killed_replica_is_replaced_and_never_alerts(stack: Stack) -> None:
         assert f"{victim_ip}:9700" not in stack.up("echo")
     firing = stack.probe_json("query", 'ALERTS{alertname="WirekitTargetDown", alertstate="firing"}')
     assert firing == []
+
+
+def test_a_new_token_rolls_over_every_replica_and_the_old_one_is_refused(stack: Stack) -> None:
+    """docs/operations.md: write a new token into the file, `make stack-up` again. The stack
+    gets a new secret, cmdexec rolls over to it, the old secret is removed."""
+    old = stack.token
+    secrets_before = {s.name for s in stack.client.secrets.list()}
+    time.sleep(1.1)  # the secret's name carries the file's modification time, in seconds
+    stack.token_file.write_text(uuid.uuid4().hex + uuid.uuid4().hex + "\n")
+    stack.deploy()
+    replica_ids = {c.id[:12] for c in stack.client.containers.list(
+        filters={"label": f"com.docker.swarm.service.name={stack.name}_cmdexec"})}  # fmt: skip
+    assert set(stack.cmdexec_hostnames(stack.token).values()) == replica_ids
+    refused = stack.cmdexec_hostnames(old)
+    assert all("unauthorized" in answer for answer in refused.values()), refused
+    ours = {s.name for s in stack.client.secrets.list() if s.name.startswith(stack.name)}
+    assert len(ours) == 1
+    assert not ours & secrets_before
