@@ -85,7 +85,9 @@ class CmdexecHarness(RunningService[CmdexecSettings]):
 
 
 @contextlib.asynccontextmanager
-async def running_cmdexec(**overrides: Any) -> AsyncIterator[CmdexecHarness]:
+async def running_cmdexec(
+    expected_errors: tuple[str, ...] = (), **overrides: Any
+) -> AsyncIterator[CmdexecHarness]:
     values: dict[str, Any] = {
         "port": 0,
         "metrics_port": 0,
@@ -95,7 +97,8 @@ async def running_cmdexec(**overrides: Any) -> AsyncIterator[CmdexecHarness]:
         "timeout_drain_s": 2.0,
         **overrides,
     }
-    async with running_service(serve_cmdexec, CmdexecSettings(**values), CmdexecHarness) as service:
+    settings = CmdexecSettings(**values)
+    async with running_service(serve_cmdexec, settings, CmdexecHarness, expected_errors) as service:
         yield service
 
 

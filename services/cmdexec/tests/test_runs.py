@@ -7,7 +7,7 @@ import os
 import time
 
 import pytest
-from wirekit_harness import CmdexecHarness, StartCmdexec
+from wirekit_harness import TOKEN, CmdexecHarness, StartCmdexec
 from wirekit_testkit import child_processes
 
 from wirekit_cmdexec.client import EXIT_TIMEOUT, CmdexecClient, RemoteError, exit_status
@@ -234,19 +234,35 @@ async def test_span_continues_the_clients_trace_and_carries_no_arguments(
     assert all(secret_arg not in str(v) for v in attrs.values())
 
 
-async def test_audit_log_line_per_run(
+async def test_audit_events_per_login_and_run(
     cmdexec: CmdexecHarness, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """One event per AUTH and per EXEC on the audit logger, field by field; never the token."""
     caplog.set_level("INFO", logger="wirekit_cmdexec.audit")
-    await cmdexec.run(["echo", "secret-argument"])
-    records = [r for r in caplog.records if r.name == "wirekit_cmdexec.audit"]
-    assert len(records) == 1
-    rec = records[0].__dict__
-    assert (rec["argv0"], rec["arg_count"], rec["exit_code"], rec["result"]) == ("echo", 1, 0, "ok")
-    assert rec["stdout_bytes"] == len(b"secret-argument\n")
-    assert rec["duration_s"] > 0
-    assert rec["peer"].startswith("127.0.0.1:")
-    assert "secret-argument" not in str(rec)
+    await cmdexec.run(["echo", "an-argument"])
+    records = [r.__dict__ for r in caplog.records if r.name == "wirekit_cmdexec.audit"]
+    assert [r["event"] for r in records] == ["auth", "exec"]
+    auth, run = records
+    assert (auth["identity"], auth["method"], auth["decision"], auth["reason"]) == (
+        "default",
+        "token",
+        "allowed",
+        None,
+    )
+    assert auth["source"].startswith("127.0.0.1:")
+    assert (run["identity"], run["argv"], run["decision"], run["result"], run["exit_code"]) == (
+        "default",
+        ["echo", "an-argument"],
+        "allowed",
+        "ok",
+        0,
+    )
+    assert (run["signal"], run["shell"], run["reason"]) == (None, False, None)
+    assert run["bytes_out"] == len(b"an-argument\n")
+    assert run["duration_s"] > 0
+    assert run["source"] == auth["source"]
+    assert len(run["trace_id"]) == 32
+    assert TOKEN not in str(records)
 
 
 # -- helpers ------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import struct
 import time
@@ -18,6 +17,7 @@ from wirekit_testkit import CMDEXEC_TOKEN
 
 from wirekit_cmdexec.__main__ import build_context
 from wirekit_cmdexec.client import RemoteError
+from wirekit_cmdexec.identities import hash_token
 from wirekit_cmdexec.messages import Auth, Exec, Kind, decode, encode_json
 from wirekit_cmdexec.settings import DEFAULT_ALLOW, CmdexecSettings
 from wirekit_framing import encode, recv_frame
@@ -181,22 +181,18 @@ async def test_failed_auth_is_counted_delayed_and_closed(start_cmdexec: StartCmd
         assert h.value("cmdexec_runs_total", result="ok") == 0
 
 
-def test_token_comparison_is_constant_time_by_construction(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Whatever is offered, hmac.compare_digest sees two SHA-256 digests of equal length."""
-    seen: list[tuple[int, int]] = []
-    real = hmac.compare_digest
-
-    def spy(a: bytes, b: bytes) -> bool:
-        seen.append((len(a), len(b)))
-        return real(a, b)
-
-    monkeypatch.setattr(hmac, "compare_digest", spy)
+def test_the_server_keeps_only_token_hashes_and_looks_them_up_by_hash() -> None:
+    """Whatever is offered is hashed before it is looked up: the lookup (a dict of SHA-256
+    digests) depends on a digest the client cannot steer, not on how much of the token it got
+    right. The identities hold the token's hash, never the token."""
     settings = CmdexecSettings(token="right", metrics_port=0)
     svc = build_context(settings, CollectorRegistry(), TracerProvider())
-    assert svc.token_ok("right")
-    for offered in ("", "r", "righ", "wrong", "x" * 10_000):
-        assert not svc.token_ok(offered)
-    assert seen == [(32, 32)] * 6
+    found = svc.identities.by_token("right")
+    assert found is not None
+    assert found.name == "default"
+    assert found.credentials == {hash_token("right")}
+    for offered in ("", "r", "righ", "wrong", "right ", "x" * 10_000):
+        assert svc.identities.by_token(offered) is None
 
 
 async def test_generated_token_is_logged_once_and_works(

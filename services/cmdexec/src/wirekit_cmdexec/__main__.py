@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import logging.handlers
 import os
-import secrets
+import signal
 import ssl
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
@@ -23,13 +25,22 @@ from wirekit_servicekit import (
     service_main,
 )
 from wirekit_servicekit.lifecycle import Part
+from wirekit_servicekit.logs import TraceContextFilter, json_formatter
 from wirekit_servicekit.ratelimit import SourceLimiter, TokenBucket
+from wirekit_servicekit.workers import current
 
 from . import __version__
 from .containment import SWEEP_S, containment, make_undumpable
-from .policy import Policy
-from .protocol import AuthGuard, CmdexecContext, CmdexecMetrics, handler
-from .runner import RunLimits, Spawner
+from .identities import (
+    Defaults,
+    Identities,
+    PolicyFileError,
+    hash_token,
+    load_policy_file,
+    new_token,
+)
+from .protocol import AuthGuard, CmdexecContext, CmdexecMetrics, audit, handler
+from .runner import Spawner
 from .settings import CmdexecSettings
 
 NAME = "wirekit-cmdexec"
@@ -40,60 +51,113 @@ _READ_LIMIT = 64 * 1024
 _AUTH_SOURCES = 10_000
 
 
-def server_tls(settings: CmdexecSettings) -> ssl.SSLContext | None:
+def server_tls(settings: CmdexecSettings) -> tuple[ssl.SSLContext | None, str]:
+    """The TLS context from the files as they are now, and the SHA-256 of their bytes."""
     if not settings.tls_cert_file:
-        return None
+        return None, ""
+    files = [settings.tls_cert_file, settings.tls_key_file or "", settings.tls_client_ca_file or ""]
+    digest = hashlib.sha256(b"".join(Path(f).read_bytes() if f else b"" for f in files))
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
     if settings.tls_client_ca_file:
         ctx.verify_mode = ssl.CERT_REQUIRED  # mutual TLS
         ctx.load_verify_locations(settings.tls_client_ca_file)
-    return ctx
+    return ctx, digest.hexdigest()
+
+
+def defaults(settings: CmdexecSettings) -> Defaults:
+    return Defaults(
+        allow=settings.allow, arg_patterns=settings.arg_patterns,
+        allow_shell=settings.allow_shell, child_path=settings.child_path,
+        child_env=settings.child_env, workdir=settings.workdir,
+        timeout_s=settings.timeout_run_s, output_bytes=settings.limit_output_bytes,
+        output_action=settings.limit_output_action, limit_runs=settings.limit_runs,
+    )  # fmt: skip
+
+
+def load_identities(settings: CmdexecSettings, token: str) -> Identities:
+    """From the policy file when there is one (PolicyFileError if it is unusable), else the
+    token as identity ``default``."""
+    if settings.policy_file:
+        policy, sha256 = load_policy_file(settings.policy_file)
+        worker = current()
+        return Identities.from_file(policy, sha256, defaults(settings),
+                                    worker.count if worker else 1)  # fmt: skip
+    return Identities.single(token, defaults(settings))
+
+
+def configure_audit_log(settings: CmdexecSettings) -> None:
+    """Audit events on their own logger: to ``audit_file`` (JSON lines, reopened when logrotate
+    moves it) or to stderr, never through the operational log's handler."""
+    handler: logging.Handler
+    if settings.audit_file:
+        handler = logging.handlers.WatchedFileHandler(settings.audit_file, encoding="utf-8")
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    worker = current()
+    handler.setFormatter(json_formatter(NAME, worker.index if worker else None))
+    handler.addFilter(TraceContextFilter())
+    for old in list(audit.handlers):
+        audit.removeHandler(old)
+        old.close()
+    audit.addHandler(handler)
+    audit.setLevel(logging.INFO)
+    audit.propagate = False
+
+
+def reload(svc: CmdexecContext, settings: CmdexecSettings) -> bool:
+    """SIGHUP: the policy file and the TLS files again. Either all of it is taken or, on any
+    error, none of it: the configuration in force stays, one error is logged."""
+    try:
+        identities = load_identities(settings, "") if settings.policy_file else svc.identities
+        tls, tls_sha256 = server_tls(settings)
+    except (PolicyFileError, OSError, ssl.SSLError) as exc:
+        svc.metrics.reloads.labels("error").inc()
+        log.error("configuration reload failed: the configuration in force is kept",
+                  extra={"error": str(exc)})  # fmt: skip
+        return False
+    svc.identities, svc.tls = identities, tls
+    svc.metrics.known(identities, tls_sha256)
+    svc.metrics.reloads.labels("ok").inc()
+    log.info("configuration reloaded", extra={
+        "identities": sorted(identities.by_name), "policy_sha256": identities.sha256,
+        "tls_sha256": tls_sha256})  # fmt: skip
+    return True
 
 
 def build_context(
     settings: CmdexecSettings, registry: CollectorRegistry, provider: TracerProvider
 ) -> CmdexecContext:
-    if settings.token is not None and settings.token.get_secret_value():
-        token = settings.token.get_secret_value()
-    else:
-        token = secrets.token_urlsafe(32)
-        log.warning(
-            "no token configured: generated one for this run (set WIREKIT_CMDEXEC_TOKEN or a "
-            "secret to keep it)",
-            extra={"token": token},
-        )
+    token = ""
+    if not settings.policy_file:
+        if settings.token is not None and settings.token.get_secret_value():
+            token = settings.token.get_secret_value()
+        else:
+            token = new_token()
+            log.warning(
+                "no token configured: generated one for this run (set WIREKIT_CMDEXEC_TOKEN, "
+                "a secret, or a policy file to keep it)",
+                extra={"token": token},
+            )
     metrics = CmdexecMetrics(registry)
     rlimits = {"nproc": settings.rlimit_nproc, "cpu": settings.rlimit_cpu_s,
                "as": settings.rlimit_as_bytes}  # fmt: skip
     spawner = Spawner({k: v for k, v in rlimits.items() if v is not None}, settings.rlimit_wrapper)
-    policy = Policy(
-        settings.allow, settings.arg_patterns, settings.child_path, settings.allow_shell
-    )
+    identities = load_identities(settings, token)
+    tls, tls_sha256 = server_tls(settings)
+    metrics.known(identities, tls_sha256)
     box = containment()
     log.info(
         "commands",
-        extra={"allow": policy.names, "allow_shell": settings.allow_shell,
-               "rlimits": spawner.mode,
+        extra={"identities": {n: i.policy.names for n, i in identities.by_name.items()},
+               "policy_file": settings.policy_file, "rlimits": spawner.mode,
                "containment": "session sweep as child subreaper" if box.subreaper
                else "process group only (not a subreaper: escaped processes survive)"},
     )  # fmt: skip
     return CmdexecContext(
-        token_digest=hashlib.sha256(token.encode()).digest(),
-        policy=policy,
-        limits=RunLimits(
-            timeout_s=settings.timeout_run_s,
-            output_bytes=settings.limit_output_bytes,
-            output_action=settings.limit_output_action,
-            env={
-                "PATH": settings.child_path,
-                "LANG": "C.UTF-8",
-                "HOME": settings.workdir,
-                **settings.child_env,
-            },
-            cwd=settings.workdir,
-        ),
+        identities=identities,
+        tls=tls,
         spawner=spawner,
         guard=AuthGuard(
             per_source=SourceLimiter(
@@ -143,6 +207,19 @@ async def serve(
     def build(registry: CollectorRegistry, provider: TracerProvider) -> list[Part]:
         svc = build_context(settings, registry, provider)
         callback = handler(svc)
+        configure_audit_log(settings)
+
+        async def reload_on_sighup() -> None:
+            """SIGHUP reloads the configuration while the service runs."""
+            loop = asyncio.get_running_loop()
+            try:
+                loop.add_signal_handler(signal.SIGHUP, reload, svc, settings)
+            except (RuntimeError, ValueError):  # not the main thread: no signals
+                return
+            try:
+                await asyncio.Event().wait()  # until the service stops (cancelled)
+            finally:
+                loop.remove_signal_handler(signal.SIGHUP)
 
         def factory() -> asyncio.StreamReaderProtocol:
             return asyncio.StreamReaderProtocol(asyncio.StreamReader(_READ_LIMIT), callback)
@@ -155,9 +232,10 @@ async def serve(
                 box.sweep()
                 svc.count_kills()
 
-        listener = Listener("cmdexec", settings.host, settings.port, factory, svc.hub,
-                            server_tls(settings))  # fmt: skip
-        return [listener, Background("process sweep", sweep)]
+        # TLS, when on, is started by each connection with the context in force then.
+        listener = Listener("cmdexec", settings.host, settings.port, factory, svc.hub)
+        return [listener, Background("process sweep", sweep),
+                Background("reload on SIGHUP", reload_on_sighup)]  # fmt: skip
 
     return await serve_service(
         settings, NAME, __version__, build,
@@ -185,7 +263,31 @@ def refuse_unsafe_start(settings: CmdexecSettings) -> None:
     os.environ.pop("WIREKIT_CMDEXEC_TOKEN", None)
 
 
+def token_command(argv: Sequence[str]) -> int:
+    """``wirekit-cmdexec token new``: a new token and the hash to put in the policy file;
+    ``wirekit-cmdexec token hash``: the hash of a token read from stdin."""
+    if list(argv) == ["new"]:
+        token = new_token()
+        print(f"token: {token}\nhash:  {hash_token(token)}")
+        print("Give the token to the client (a file, or WIREKIT_CMDEXEC_TOKEN); put the hash "
+              "in the identity's tokens: [...] in the policy file.", file=sys.stderr)  # fmt: skip
+        return 0
+    if list(argv) == ["hash"]:
+        token = sys.stdin.readline().strip()
+        if not token:
+            print("wirekit-cmdexec token hash: no token on stdin", file=sys.stderr)
+            return 2
+        print(hash_token(token))
+        return 0
+    print("usage: wirekit-cmdexec token new | wirekit-cmdexec token hash < token-file",
+          file=sys.stderr)  # fmt: skip
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["token"]:
+        raise SystemExit(token_command(args[1:]))
     service_main(CmdexecSettings, NAME, __version__, serve, argv, check=refuse_unsafe_start)
 
 

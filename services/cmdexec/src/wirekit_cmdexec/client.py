@@ -44,6 +44,7 @@ class RemoteError(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
+        self.message = message
 
 
 class CmdexecClient:
@@ -53,6 +54,15 @@ class CmdexecClient:
         self.sock = sock
         self._send_lock = threading.Lock()  # the stdin thread and Ctrl-C share the socket
         self._send(encode_json(Kind.AUTH, Auth(token=token)))
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> CmdexecClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _send(self, payload: bytes) -> None:
         with self._send_lock:

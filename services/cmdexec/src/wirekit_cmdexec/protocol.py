@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from dataclasses import dataclass, field
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from wirekit_framing import (
     HEADER,
@@ -52,15 +51,16 @@ from .errors import (
     TooLarge,
     Unauthorized,
 )
+from .identities import Identities, Identity, certificate_names, hash_token
 from .messages import BadMessage, Exec, Exit, Kind, decode_client, encode_json
-from .policy import Decision, Policy
-from .runner import END, End, Inbox, RunLimits, Spawner
+from .policy import Decision
+from .runner import END, End, Inbox, Spawner
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("wirekit_cmdexec.audit")
 
 RESULTS = ("ok", "nonzero", "signal", "timeout", "output_cap", "aborted", "denied", "error")
-AUTH_FAILURES = ("token", "protocol", "timeout", "rate_limited")
+AUTH_FAILURES = ("token", "protocol", "timeout", "rate_limited", "source", "tls")
 DURATION_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
@@ -96,6 +96,22 @@ class CmdexecMetrics:
             "protocol_errors", "ERROR messages sent, by code.", ["code"],
             namespace=ns, registry=registry,
         )  # fmt: skip
+        self.identity_runs = Counter(
+            "identity_runs", "Commands requested, by identity (from the configuration) and "
+            "result.", ["identity", "result"], namespace=ns, registry=registry,
+        )  # fmt: skip
+        self.identity_logins = Counter(
+            "identity_logins", "Successful AUTHs, by identity.", ["identity"],
+            namespace=ns, registry=registry,
+        )  # fmt: skip
+        self.reloads = Counter(
+            "config_reloads", "Configuration reloads (SIGHUP), by result.", ["result"],
+            namespace=ns, registry=registry,
+        )  # fmt: skip
+        self.config = Info(
+            "config", "The configuration in force: SHA-256 of the policy file (or of the "
+            "token's hash without one) and of the TLS files.", namespace=ns, registry=registry,
+        )  # fmt: skip
         self.killed = HotCounter(
             "processes_killed", "Processes killed because they outlived their run or left it "
             "(background children, setsid daemons).", namespace=ns, registry=registry,
@@ -107,6 +123,16 @@ class CmdexecMetrics:
             self.auth_failures.labels(reason)
         for code in ("unauthorized", "bad_request", "too_large", "forbidden", "busy"):
             self.errors.labels(code)
+        for result in ("ok", "error"):
+            self.reloads.labels(result)
+
+    def known(self, identities: Identities, tls_sha256: str) -> None:
+        """Series for every configured identity, at 0; the info metric for this config."""
+        for name in identities.by_name:
+            self.identity_logins.labels(name)
+            for result in RESULTS:
+                self.identity_runs.labels(name, result)
+        self.config.info({"policy_sha256": identities.sha256, "tls_sha256": tls_sha256})
 
 
 @dataclass
@@ -130,11 +156,11 @@ class AuthGuard:
 
 @dataclass
 class CmdexecContext:
-    """What every connection shares."""
+    """What every connection shares. ``identities`` and ``tls`` are replaced as a whole by a
+    reload: a connection reads them when it authenticates and at each EXEC."""
 
-    token_digest: bytes
-    policy: Policy
-    limits: RunLimits
+    identities: Identities
+    tls: ssl.SSLContext | None
     spawner: Spawner
     guard: AuthGuard
     max_frame_size: int
@@ -147,6 +173,7 @@ class CmdexecContext:
     tracer: trace.Tracer
     hub: ConnectionHub
     running: int = 0
+    running_by_identity: dict[str, int] = field(default_factory=dict)
     output: dict[Kind, Counter] = field(init=False)
     _killed_before: int = field(init=False)
 
@@ -161,11 +188,6 @@ class CmdexecContext:
     def count_kills(self) -> None:
         """cmdexec_processes_killed_total: the sweeps' kills since this service started."""
         self.metrics.killed.n = containment().killed - self._killed_before
-
-    def token_ok(self, offered: str) -> bool:
-        # Digests of equal length: the comparison time says nothing about the token.
-        digest = hashlib.sha256(offered.encode(errors="surrogatepass")).digest()
-        return hmac.compare_digest(digest, self.token_digest)
 
 
 class Connection:
@@ -184,7 +206,12 @@ class Connection:
         self.inbox = Inbox(INBOX_SIZE)
         peer = writer.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.address = str(peer[0]) if isinstance(peer, tuple) else str(peer)
         self.source = source_key(peer)
+        # Set by AUTH: who the client is, and by which credential (checked again at each EXEC,
+        # so a reload that removes the credential ends what the connection may do).
+        self.identity = ""
+        self.credential = ""
 
     # -- hub callbacks ----------------------------------------------------------------------
     def begin_drain(self) -> None:
@@ -224,6 +251,31 @@ class Connection:
         self.svc.metrics.errors.labels(exc.code.value).inc()
         with contextlib.suppress(ClientGone):
             await self.send_json(Kind.ERROR, {"code": exc.code.value, "message": str(exc)})
+
+    async def start_tls(self, context: ssl.SSLContext) -> bool:
+        """The TLS handshake, with the context in force now (a reload replaces it for the
+        connections that follow), within ``timeout_auth_s``. False: the connection is over."""
+        svc = self.svc
+        reason, detail = None, ""
+        try:
+            async with asyncio.timeout(svc.timeout_auth_s):
+                await self.writer.start_tls(context)
+            return True
+        except TimeoutError:
+            reason = "timeout"
+        except ssl.SSLError as exc:
+            reason, detail = "tls", exc.reason or type(exc).__name__
+        except (ConnectionError, OSError):
+            pass  # connected and left: nothing was tried
+        if reason is not None:
+            svc.metrics.auth_failures.labels(reason).inc()
+            if reason == "timeout":
+                detail = "TLS handshake timed out"
+            audit.warning("auth", extra={
+                "event": "auth", "identity": None, "source": self.peer, "method": "certificate",
+                "decision": "denied", "reason": detail})  # fmt: skip
+        self.writer.transport.abort()
+        return False
 
     # -- the conversation -------------------------------------------------------------------
     async def serve(self) -> None:
@@ -273,10 +325,42 @@ class Connection:
         if kind is not Kind.AUTH:
             await self._auth_failed("protocol")
             raise Unauthorized(f"AUTH expected, got {kind.name}")
-        if not svc.token_ok(body.token):
-            await self._auth_failed("token")
-            raise Unauthorized("wrong token")
+        identity, method, credential, problem = self._identify(body.token)
+        if identity is None:
+            await self._auth_failed("token", problem)
+            raise Unauthorized(problem)
+        try:
+            identity.check_source(self.address)
+        except Forbidden as exc:
+            await self._auth_failed("source", str(exc), identity.name)
+            raise Unauthorized(str(exc)) from None
+        self.identity, self.credential = identity.name, credential
+        svc.metrics.identity_logins.labels(identity.name).inc()
+        audit.info("auth", extra={"event": "auth", "identity": identity.name,
+                                  "source": self.peer, "method": method,
+                                  "decision": "allowed", "reason": None})  # fmt: skip
         return True
+
+    def _identify(self, token: str) -> tuple[Identity | None, str, str, str]:
+        """(identity, method, credential, why not): by token, by the verified client
+        certificate (mTLS), or both when they agree."""
+        identities = self.svc.identities
+        ssl_object = self.writer.get_extra_info("ssl_object")
+        names = certificate_names(ssl_object.getpeercert()) if ssl_object is not None else []
+        by_cert = identities.by_certificate(names)
+        if len(by_cert) > 1:
+            return None, "", "", "the client certificate names more than one identity"
+        if token:
+            by_token = identities.by_token(token)
+            if by_token is None:
+                return None, "", "", "wrong token"
+            if by_cert and by_cert[0] is not by_token:
+                return None, "", "", "the token and the certificate are different identities"
+            return by_token, "token", hash_token(token), ""
+        if by_cert:
+            cert_name = next(n for n in names if n in by_cert[0].credentials)
+            return by_cert[0], "certificate", cert_name, ""
+        return None, "", "", "wrong token" if not names else "no identity for this certificate"
 
     async def _read_auth_frame(self) -> bytes:
         (size,) = HEADER.unpack(await self.reader.readexactly(HEADER_SIZE))
@@ -284,14 +368,16 @@ class Connection:
             raise FrameTooLarge(size, self.svc.limit_auth_bytes)
         return await self.reader.readexactly(size)
 
-    async def _auth_failed(self, reason: str) -> None:
+    async def _auth_failed(
+        self, reason: str, detail: str | None = None, identity: str | None = None
+    ) -> None:
         svc = self.svc
         svc.metrics.auth_failures.labels(reason).inc()
         if reason != "rate_limited":
             svc.guard.failed(self.source)
-        audit.warning(
-            "auth failed", extra={"event": "auth_failed", "peer": self.peer, "reason": reason}
-        )
+        audit.warning("auth", extra={"event": "auth", "identity": identity, "source": self.peer,
+                                     "method": None, "decision": "denied",
+                                     "reason": detail or reason})  # fmt: skip
         await asyncio.sleep(svc.guard.delay_s)
 
     async def _read(self) -> None:
@@ -357,36 +443,52 @@ class Connection:
                 if exc.closes:
                     return
 
+    def _denied(self, req: Exec, exc: CmdexecError) -> None:
+        self.svc.metrics.runs.labels("denied").inc()
+        if self.identity in self.svc.identities.by_name:
+            self.svc.metrics.identity_runs.labels(self.identity, "denied").inc()
+        audit.warning("exec", extra={
+            "event": "exec", "identity": self.identity, "source": self.peer,
+            "argv": req.argv, "shell": req.shell, "decision": "denied", "reason": str(exc),
+            "result": "denied", "exit_code": None, "signal": None, "duration_s": None,
+            "bytes_out": 0})  # fmt: skip
+
     async def _exec(self, req: Exec) -> None:
         svc = self.svc
+        # The rules in force now: a reload since AUTH applies from the next EXEC on.
+        identity = svc.identities.by_name.get(self.identity)
         try:
-            decision = svc.policy.decide(req)
-        except Forbidden as exc:
-            svc.metrics.runs.labels("denied").inc()
-            audit.warning(
-                "denied",
-                extra={"peer": self.peer, "event": "denied", "reason": str(exc),
-                       "arg_count": len(req.argv) - 1},
-            )  # fmt: skip
+            if identity is None or self.credential not in identity.credentials:
+                raise Unauthorized("this connection's credential is no longer valid (the "
+                                   "configuration was reloaded); connect again")  # fmt: skip
+            identity.check_source(self.address)
+            decision = identity.policy.decide(req)
+            if svc.running >= svc.limit_runs:
+                raise Busy(f"{svc.limit_runs} commands are running; retry later")
+            if svc.running_by_identity.get(identity.name, 0) >= identity.limit_runs:
+                raise Busy(f"{identity.limit_runs} commands of {identity.name!r} are running; "
+                           "retry later")  # fmt: skip
+        except CmdexecError as exc:
+            self._denied(req, exc)
             raise
-        if svc.running >= svc.limit_runs:
-            svc.metrics.runs.labels("denied").inc()
-            raise Busy(f"{svc.limit_runs} commands are running; retry later")
         svc.running += 1
+        svc.running_by_identity[identity.name] = svc.running_by_identity.get(identity.name, 0) + 1
         self.running = True
         svc.metrics.active.inc()
         try:
-            await self._run(req, decision)
+            await self._run(req, decision, identity)
         finally:
             svc.running -= 1
+            svc.running_by_identity[identity.name] -= 1
             self.running = False
             svc.metrics.active.dec()
 
-    async def _run(self, req: Exec, decision: Decision) -> None:
+    async def _run(self, req: Exec, decision: Decision, identity: Identity) -> None:
         svc = self.svc
         carrier = {k: v for k, v in (("traceparent", req.traceparent),
                                      ("tracestate", req.tracestate)) if v}  # fmt: skip
-        timeout = min(req.timeout_s or svc.limits.timeout_s, svc.limits.timeout_s)
+        limits = identity.limits
+        timeout = min(req.timeout_s or limits.timeout_s, limits.timeout_s)
         with svc.tracer.start_as_current_span(
             "cmdexec.run",
             context=_propagator.extract(carrier),
@@ -394,16 +496,18 @@ class Connection:
             attributes={
                 "process.executable.name": decision.name,
                 "wirekit.cmdexec.arg_count": len(decision.args),
-                "network.peer.address": self.peer.rsplit(":", 1)[0],
+                "network.peer.address": self.address,
+                "wirekit.cmdexec.identity": identity.name,
             },
         ) as span:
             try:
                 out = await runner.run(
-                    decision.path, decision.args, svc.limits, svc.spawner, timeout_s=timeout,
+                    decision.path, decision.args, limits, svc.spawner, timeout_s=timeout,
                     want_stdin=req.stdin, send=self.send, inbox=self.inbox,
                 )  # fmt: skip
             except OSError as exc:
                 svc.metrics.runs.labels("error").inc()
+                svc.metrics.identity_runs.labels(identity.name, "error").inc()
                 span.set_status(Status(StatusCode.ERROR, "spawn failed"))
                 log.error("spawn failed", extra={"executable": decision.name, "error": str(exc)})
                 raise Internal(f"could not start {decision.name}") from None
@@ -411,6 +515,7 @@ class Connection:
                 svc.count_kills()
             result = out.result
             svc.metrics.runs.labels(result).inc()
+            svc.metrics.identity_runs.labels(identity.name, result).inc()
             svc.metrics.duration.observe(out.duration_s)
             if out.code is not None:
                 span.set_attribute("process.exit.code", out.code)
@@ -419,18 +524,14 @@ class Connection:
             span.set_attribute("wirekit.cmdexec.result", result)
             if result in ("signal", "timeout", "aborted"):
                 span.set_status(Status(StatusCode.ERROR, out.aborted or result))
-            audit.info(
-                "run",
-                extra={
-                    "event": "run", "peer": self.peer, "argv0": decision.name,
-                    "arg_count": len(decision.args), "result": result, "exit_code": out.code,
-                    "signal": out.signal, "timed_out": out.timed_out,
-                    "output_capped": out.output_capped,
-                    "duration_s": round(out.duration_s, 6), "stdout_bytes": out.sent["stdout"],
-                    "stderr_bytes": out.sent["stderr"], "truncated": out.truncated,
-                    "aborted": out.aborted,
-                },
-            )  # fmt: skip
+            audit.info("exec", extra={
+                "event": "exec", "identity": identity.name, "source": self.peer,
+                "argv": req.argv, "shell": req.shell, "decision": "allowed", "reason": None,
+                "result": result, "exit_code": out.code, "signal": out.signal,
+                "duration_s": round(out.duration_s, 6),
+                "bytes_out": out.sent["stdout"] + out.sent["stderr"],
+                "timed_out": out.timed_out, "output_capped": out.output_capped,
+                "aborted": out.aborted})  # fmt: skip
         if out.aborted == "bad_request":
             raise BadRequest("only STDIN, STDIN_EOF and SIGNAL may be sent while a command runs")
         if out.aborted == "stalled":
@@ -456,6 +557,8 @@ def handler(
             writer.close()
             return
         try:
+            if svc.tls is not None and not await conn.start_tls(svc.tls):
+                return
             await conn.serve()
         except Exception:
             log.exception("connection failed", extra={"peer": conn.peer})

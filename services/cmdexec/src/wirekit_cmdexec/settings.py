@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import CliSuppress, SettingsConfigDict
 
 from wirekit_framing import DEFAULT_MAX_FRAME_SIZE, MAX_WIRE_FRAME_SIZE
@@ -32,6 +32,7 @@ class CmdexecSettings(TcpServiceSettings):
         env_prefix="WIREKIT_CMDEXEC_", cli_prog_name="wirekit-cmdexec"
     )
     cli_forbidden: ClassVar[frozenset[str]] = frozenset({"token"})
+    reloads_on_sighup: ClassVar[bool] = True
     per_instance: ClassVar[tuple[str, ...]] = (
         *TcpServiceSettings.per_instance, "limit_runs", "auth_failure_burst_per_source",
         "auth_failure_rate_per_source", "auth_failure_burst", "auth_failure_rate",
@@ -48,6 +49,17 @@ class CmdexecSettings(TcpServiceSettings):
         None,
         description="Token clients must send (environment, *_FILE or secret; never a flag). "
         "Unset: a strong one is generated and logged once.",
+    )
+    policy_file: str | None = Field(
+        None,
+        description="YAML file of named identities: token hashes, client-certificate names and "
+        "each one's policy (see the README). Reloaded on SIGHUP. Unset: the token setting is "
+        "the one identity, 'default'.",
+    )
+    audit_file: str | None = Field(
+        None,
+        description="Append the audit events (JSON lines) to this file instead of stderr; "
+        "reopened when rotated away.",
     )
     allow: list[str] = Field(
         default=list(DEFAULT_ALLOW),
@@ -143,3 +155,12 @@ class CmdexecSettings(TcpServiceSettings):
     tls_client_ca_file: str | None = Field(
         None, description="PEM CA bundle: clients must present a certificate it signed (mTLS)."
     )
+
+    @model_validator(mode="after")
+    def _one_source_of_identities(self) -> CmdexecSettings:
+        if self.policy_file and self.token is not None:
+            raise ValueError(
+                "token and policy_file exclude each other: list the token's hash in the policy "
+                "file (wirekit-cmdexec token hash < token-file)"
+            )
+        return self

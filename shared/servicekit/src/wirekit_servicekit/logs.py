@@ -9,7 +9,7 @@ from typing import TextIO
 from opentelemetry import trace
 from pythonjsonlogger.json import JsonFormatter
 
-__all__ = ["TraceContextFilter", "configure_logging"]
+__all__ = ["TraceContextFilter", "configure_logging", "json_formatter"]
 
 _FIELDS = "%(levelname)s %(name)s %(message)s"
 
@@ -25,23 +25,27 @@ class TraceContextFilter(logging.Filter):
         return True
 
 
+def json_formatter(service: str, worker: int | None = None) -> JsonFormatter:
+    """One JSON object per record: time (ISO 8601, UTC), level, logger, message, the service
+    (and worker index), and every ``extra`` field."""
+    static: dict[str, object] = {"service": service}
+    if worker is not None:
+        static["worker"] = worker
+    return JsonFormatter(
+        _FIELDS,
+        rename_fields={"levelname": "level", "name": "logger"},
+        static_fields=static,
+        timestamp="time",
+    )
+
+
 def configure_logging(
     level: str, service: str, stream: TextIO | None = None, worker: int | None = None
 ) -> None:
     """Route the root logger to ``stream`` (stderr) as JSON lines, replacing earlier handlers.
     A worker process (``--workers``) adds its index to every line."""
     handler = logging.StreamHandler(stream or sys.stderr)
-    static: dict[str, object] = {"service": service}
-    if worker is not None:
-        static["worker"] = worker
-    handler.setFormatter(
-        JsonFormatter(
-            _FIELDS,
-            rename_fields={"levelname": "level", "name": "logger"},
-            static_fields=static,
-            timestamp="time",  # ISO 8601, UTC
-        )
-    )
+    handler.setFormatter(json_formatter(service, worker))
     handler.addFilter(TraceContextFilter())
     root = logging.getLogger()
     for old in list(root.handlers):

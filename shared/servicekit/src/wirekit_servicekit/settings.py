@@ -79,6 +79,9 @@ class ServiceSettings(BaseSettings):
     cli_forbidden: ClassVar[frozenset[str]] = frozenset()
     #: Limits that hold for the whole instance: with N workers each worker enforces 1/N.
     per_instance: ClassVar[tuple[str, ...]] = ()
+    #: The service reloads its configuration on SIGHUP (the supervisor forwards it to workers);
+    #: for the others SIGHUP keeps its default action.
+    reloads_on_sighup: ClassVar[bool] = False
 
     host: str = Field(
         "127.0.0.1",

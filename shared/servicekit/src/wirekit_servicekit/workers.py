@@ -268,6 +268,16 @@ async def supervise(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
 
+    def on_reload() -> None:
+        log.info("SIGHUP: forwarding to the workers (configuration reload)")
+        for slot in slots:
+            if slot.proc is not None and slot.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    slot.proc.send_signal(signal.SIGHUP)
+
+    if type(settings).reloads_on_sighup:
+        loop.add_signal_handler(signal.SIGHUP, on_reload)
+
     async def start(slot: _Slot) -> bool:
         """Start the slot's worker and wait until it serves; False if it did not."""
         settings_r, settings_w = os.pipe()
@@ -377,7 +387,7 @@ async def supervise(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
         metrics.stop()
     return 0 if all(s.returncode == 0 for s in slots) else 1
