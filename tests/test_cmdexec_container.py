@@ -4,6 +4,7 @@ trace at the OTLP receiver."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import ssl
@@ -22,11 +23,13 @@ from wirekit_testkit import (
     host_port,
     make_test_pki,
     otlp_value,
+    scrape,
     wait_ready,
     wait_until,
 )
 
 from wirekit_cmdexec.client import CmdexecClient, RemoteError
+from wirekit_cmdexec.identities import hash_token
 
 Start = Callable[[DockerContainer], DockerContainer]
 TOKEN = "integration-token-" + "z" * 24
@@ -139,3 +142,79 @@ def test_cli_against_the_container(
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert b"bookworm" in res.stdout
+
+
+def test_policy_file_mounted_and_reloaded_with_docker_kill_hup(
+    images: dict[str, str], start: Start, secrets: dict[str, Path], tmp_path: Path
+) -> None:
+    """Identities from a mounted policy file; `docker kill --signal HUP` reloads it (a new
+    token for ops, a new right for ci); the audit trail goes to a file of its own."""
+    ops, ops_next, ci = "ops-" + "a" * 40, "ops-next-" + "b" * 40, "ci-" + "c" * 40
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    conf.chmod(0o777)  # the image's user writes the audit file there
+    policy = conf / "policy.yaml"
+
+    def write(ops_token: str, ci_allow: list[str]) -> None:
+        policy.write_text(
+            "version: 1\nidentities:\n"
+            f"  ops:\n    tokens: ['{hash_token(ops_token)}']\n    allow: [id, uname]\n"
+            f"  ci:\n    tokens: ['{hash_token(ci)}']\n    allow: {json.dumps(ci_allow)}\n"
+        )  # fmt: skip
+        policy.chmod(0o644)
+
+    write(ops, ["true"])
+    container = start(
+        hardened(
+            images["cmdexec"], "7100/tcp", "9710/tcp",
+            WIREKIT_CMDEXEC_POLICY_FILE="/run/conf/policy.yaml",
+            WIREKIT_CMDEXEC_AUDIT_FILE="/run/conf/audit.jsonl",
+            WIREKIT_CMDEXEC_AUTH_FAILURE_DELAY_S="0.1",
+        ).with_volume_mapping(str(conf), "/run/conf", "rw")
+    )  # fmt: skip
+    try:
+        wait_ready(container, "9710/tcp")
+    except AssertionError:
+        raise AssertionError(container.get_wrapped_container().logs().decode()) from None
+    port = host_port(container, "7100/tcp")
+    metrics = f"http://127.0.0.1:{host_port(container, '9710/tcp')}/metrics"
+
+    def run(token: str, argv: list[str]) -> tuple[str, str]:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=30)
+        with CmdexecClient(raw, token) as client:
+            try:
+                code = client.run(argv, on_stdout=lambda _: None, on_stderr=lambda _: None).code
+            except RemoteError as exc:
+                return exc.code, exc.message
+        return f"exit {code}", ""
+
+    assert run(ops, ["uname", "-s"]) == ("exit 0", "")
+    assert run(ci, ["true"]) == ("exit 0", "")
+    assert run(ci, ["id"])[0] == "forbidden"
+    write(ops_next, ["true", "id"])
+    container.get_wrapped_container().kill(signal="SIGHUP")
+    wait_until(lambda: scrape(metrics, "cmdexec_config_reloads_total", result="ok") == 1, 30,
+               "the reload")  # fmt: skip
+    assert run(ops_next, ["uname", "-s"]) == ("exit 0", "")
+    assert run(ops, ["uname", "-s"]) == ("unauthorized", "wrong token")
+    assert run(ci, ["id"]) == ("exit 0", "")
+    assert scrape(metrics, "cmdexec_identity_runs_total", identity="ci", result="ok") == 2
+    events = [json.loads(line) for line in (conf / "audit.jsonl").read_text().splitlines()]
+    assert [(e["event"], e["identity"], e["decision"]) for e in events] == [
+        ("auth", "ops", "allowed"), ("exec", "ops", "allowed"),
+        ("auth", "ci", "allowed"), ("exec", "ci", "allowed"),
+        ("auth", "ci", "allowed"), ("exec", "ci", "denied"),
+        ("auth", "ops", "allowed"), ("exec", "ops", "allowed"),
+        ("auth", None, "denied"),
+        ("auth", "ci", "allowed"), ("exec", "ci", "allowed"),
+    ]  # fmt: skip
+    assert events[5]["reason"] == "'id' is not on the allowlist"
+    assert all(ops not in json.dumps(e) and ci not in json.dumps(e) for e in events)
+    wrapped = container.get_wrapped_container()
+    wrapped.stop(timeout=20)
+    wrapped.reload()
+    assert wrapped.attrs["State"]["ExitCode"] == 0
+    logs = wrapped.logs().decode()
+    assert "Traceback" not in logs
+    assert '"wirekit_cmdexec.audit"' not in logs  # the audit trail went to its file only
+    assert "configuration reloaded" in logs

@@ -201,8 +201,9 @@ def test_make_up_offline_gets_to_alerts_firing(offline_stack: list[str]) -> None
     assert stop.returncode == 0, stop.stderr
     client = Path(sys.executable).parent / "wirekit-cmdexec-client"
     for _ in range(11):
-        guess = subprocess.run([str(client), "run", "--token", "wrong", "--", "true"],
-                               capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+        guess = subprocess.run([str(client), "run", "--", "true"], capture_output=True,
+                               text=True, timeout=60, check=False,
+                               env={**os.environ, "WIREKIT_CMDEXEC_TOKEN": "wrong"})  # fmt: skip
         assert guess.returncode != 0
         assert "unauthorized" in guess.stderr, guess.stderr
 

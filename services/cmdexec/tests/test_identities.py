@@ -7,6 +7,7 @@ import asyncio
 import os
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 from wirekit_harness import CmdexecHarness, StartCmdexec
-from wirekit_testkit import make_test_pki
+from wirekit_testkit import make_test_pki, service_process
 
 from wirekit_cmdexec.client import CmdexecClient, RemoteError
 from wirekit_cmdexec.identities import PolicyFileError, hash_token, parse_policy
@@ -112,6 +113,18 @@ def test_token_new_prints_a_token_and_its_hash() -> None:
                            input=token + "\n", capture_output=True, text=True, timeout=60,
                            check=True)  # fmt: skip
     assert again.stdout.strip() == digest
+
+
+def test_an_unusable_policy_file_at_start_is_one_clear_line(tmp_path: Path) -> None:
+    """YAML's `true` is a boolean, not the executable: refused with the line, exit 2."""
+    path = policy(tmp_path, "version: 1\nidentities:\n  a:\n    allow: [true]\n")
+    env = {**os.environ, "WIREKIT_CMDEXEC_POLICY_FILE": path, "WIREKIT_CMDEXEC_ALLOW_ROOT": "true"}
+    done = subprocess.run([sys.executable, "-m", "wirekit_cmdexec"], env=env,
+                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert lines == [f"wirekit-cmdexec: invalid policy file: {path}:4: identities.a.allow.0: "
+                     "Input should be a valid string"], lines  # fmt: skip
 
 
 def test_token_and_policy_file_exclude_each_other(tmp_path: Path) -> None:
@@ -314,3 +327,32 @@ async def test_certificate_rotation_new_client_accepted_old_ca_refused(
             open_before.close()
         assert h.value("cmdexec_identity_logins_total", identity="robot") == 2
         await until(lambda: h.value("cmdexec_auth_failures_total", reason="tls") == 1)
+
+
+def test_sighup_to_the_supervisor_reloads_every_worker(tmp_path: Path) -> None:
+    """A real process with two workers: SIGHUP to the instance reaches both (the supervisor
+    forwards it), so the rotated token works and the old one is refused on every worker."""
+    path = policy(tmp_path, BASE)
+    env = {"WIREKIT_CMDEXEC_ALLOW_ROOT": "true", "WIREKIT_CMDEXEC_POLICY_FILE": path,
+           # ten wrong tokens from one address: neither slowed nor limited here
+           "WIREKIT_CMDEXEC_AUTH_FAILURE_DELAY_S": "0.01",
+           "WIREKIT_CMDEXEC_AUTH_FAILURE_BURST_PER_SOURCE": "100"}  # fmt: skip
+    with service_process("wirekit_cmdexec", "--port", "0", "--metrics-port", "0",
+                         "--workers", "2", env=env) as proc:  # fmt: skip
+        proc.wait_value("cmdexec_workers", 2, state="up")
+        policy(tmp_path, _rotated(BASE))
+        proc.popen.send_signal(signal.SIGHUP)
+        proc.wait_value("cmdexec_config_reloads_total", 2, result="ok")
+        port = proc.ports["cmdexec"]
+        for _ in range(10):  # connections spread over both workers
+            with CmdexecClient(socket.create_connection(("127.0.0.1", port), 10), ALICE_NEXT) as c:
+                assert _run_on(c, ["echo", "new"]) == 0
+            with (
+                CmdexecClient(socket.create_connection(("127.0.0.1", port), 10), ALICE) as c,
+                pytest.raises(RemoteError, match="wrong token"),
+            ):
+                _run_on(c, ["echo", "old"])
+        assert proc.value("cmdexec_identity_runs_total", identity="alice", result="ok") == 10
+        proc.popen.terminate()
+        assert proc.popen.wait(30) == 0
+        proc.assert_clean_log()

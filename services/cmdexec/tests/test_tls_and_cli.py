@@ -108,15 +108,23 @@ def test_cli_streams_to_the_right_streams_and_exits_with_the_remote_status() -> 
         assert (res.returncode, res.stdout) == (0, b"one\ntwo words\n")
 
 
-def test_client_with_a_wrong_token_exits_255() -> None:
+def test_client_with_a_wrong_token_exits_255_and_takes_no_token_flag(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("nope\n")
     with server_process("--auth-failure-delay-s", "0") as srv:
         res = subprocess.run(
             [sys.executable, "-m", "wirekit_cmdexec.client", "run", "--port", str(srv["port"]),
-             "--token", "nope", "--", "echo", "x"],
+             "--token-file", str(token_file), "--", "echo", "x"],
             capture_output=True, timeout=60, check=False,
         )  # fmt: skip
         assert res.returncode == 255
-        assert b"unauthorized" in res.stderr
+        assert b"unauthorized: wrong token" in res.stderr  # the reason, as the server gave it
+    flag = subprocess.run(
+        [sys.executable, "-m", "wirekit_cmdexec.client", "run", "--token", "x", "--", "true"],
+        capture_output=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert flag.returncode == 2
+    assert b"unrecognized arguments: --token" in flag.stderr
 
 
 def _hwm_kib(pid: int) -> int:

@@ -258,6 +258,17 @@ def refuse_unsafe_start(settings: CmdexecSettings) -> None:
     except FileNotFoundError as exc:
         print(f"wirekit-cmdexec: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    # The files a reload reads again: unusable at start is a clear error, not a traceback.
+    try:
+        if settings.policy_file:
+            load_policy_file(settings.policy_file)
+        server_tls(settings)
+    except PolicyFileError as exc:
+        print(f"wirekit-cmdexec: invalid policy file: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except (OSError, ssl.SSLError) as exc:
+        print(f"wirekit-cmdexec: unusable TLS files: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     # Same-user commands must not read the token from our /proc files (environ, mem).
     make_undumpable()
     os.environ.pop("WIREKIT_CMDEXEC_TOKEN", None)

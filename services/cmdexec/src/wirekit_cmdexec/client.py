@@ -6,7 +6,9 @@
 ``run`` prints the command's stdout and stderr to the matching local streams as they arrive and
 exits with the remote exit code: 128+N when a signal N ended it (like a shell), 124 when the
 server's timeout stopped it (like timeout(1)), 255 when the client or server refused or failed
-(like ssh). The token comes from --token, --token-file or WIREKIT_CMDEXEC_TOKEN.
+(like ssh). The token comes from --token-file or WIREKIT_CMDEXEC_TOKEN, never from a flag's
+value (the command line is readable by every user and lands in shell history); with mutual TLS
+and a certificate the server knows as an identity, no token is needed.
 """
 
 from __future__ import annotations
@@ -154,11 +156,13 @@ def _token(args: argparse.Namespace) -> str:
     if args.token_file:
         with open(args.token_file, encoding="utf-8") as f:
             return f.read().strip()
-    token = args.token or os.environ.get("WIREKIT_CMDEXEC_TOKEN", "")
-    if not token:
-        raise SystemExit("wirekit-cmdexec-client: no token (--token, --token-file or "
-                         "WIREKIT_CMDEXEC_TOKEN)")  # fmt: skip
-    return token
+    token = os.environ.get("WIREKIT_CMDEXEC_TOKEN", "")
+    if not token and not args.cert_file:
+        raise SystemExit(
+            "wirekit-cmdexec-client: no token (--token-file or WIREKIT_CMDEXEC_TOKEN; "
+            "or a client certificate, --cert-file)"
+        )
+    return token  # "" with a certificate: the server knows the client by it
 
 
 def run_one(client: CmdexecClient, argv: Sequence[str], args: argparse.Namespace) -> int:
@@ -210,13 +214,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="wirekit-cmdexec-client", description=__doc__.split("\n")[0]
     )
-    common = argparse.ArgumentParser(add_help=False)
+    # No abbreviations: `--token x` must not be taken for `--token-file x`.
+    common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     common.add_argument("--host", default="127.0.0.1")
     common.add_argument("--port", type=int, default=7100)
-    common.add_argument(
-        "--token", help="prefer --token-file or WIREKIT_CMDEXEC_TOKEN: argv is public"
-    )
-    common.add_argument("--token-file")
+    common.add_argument("--token-file", help="file holding the token (else WIREKIT_CMDEXEC_TOKEN)")
     common.add_argument(
         "--timeout", type=float, help="ask the server for at most this many seconds"
     )
@@ -227,13 +229,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     common.add_argument("--key-file", help="client key, for mutual TLS")
     common.add_argument("--server-name", help="name to verify in the server certificate")
     sub = parser.add_subparsers(dest="action", required=True)
-    run_p = sub.add_parser("run", parents=[common], help="run one command")
+    run_p = sub.add_parser("run", parents=[common], help="run one command", allow_abbrev=False)
     run_p.add_argument("--stdin", action="store_true", help="forward local stdin to the command")
     run_p.add_argument(
         "--shell", action="store_true", help="one string for /bin/sh -c (server: allow_shell)"
     )
     run_p.add_argument("command", nargs="+", help="the command and its arguments (after --)")
-    shell_p = sub.add_parser("shell", parents=[common], help="interactive: one command per line")
+    shell_p = sub.add_parser(
+        "shell", parents=[common], help="interactive: one command per line", allow_abbrev=False
+    )
     shell_p.set_defaults(stdin=False, shell=False)
     return parser.parse_args(argv)
 
