@@ -109,6 +109,8 @@ up: wheelhouse ## the compose stack: services, Prometheus (:9090), Grafana (:300
 ifdef OFFLINE
 	docker image inspect $(LOCAL_BASE) >/dev/null 2>&1 || $(MAKE) base-image
 endif
+	bash deploy/cmdexec-credentials.sh $${CMDEXEC_TOKEN_FILE:-deploy/secrets/cmdexec_token} \
+	  $${CMDEXEC_POLICY_FILE:-deploy/secrets/cmdexec-policy.yaml}
 	BASE_IMAGE=$(BASE_IMAGE) IMAGE_TAG=$(IMAGE_TAG) $(STACK) up -d --build
 
 down: ## stop the stack (give OFFLINE=1 if it was started so); its data volume stays

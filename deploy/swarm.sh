@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # make stack-up / make stack-down: deploy/stack.yaml on Docker Swarm.
 #   deploy/swarm.sh up   NAME   join or create a one-node swarm, make the token, deploy, wait
-#   deploy/swarm.sh down NAME   remove the stack (services, network, secret, configs) and wait
+#   deploy/swarm.sh down NAME   remove the stack (services, network, configs) and wait
 # The images wirekit-{echo,cmdexec,udp,prometheus}:$IMAGE_TAG must exist (make stack-up builds
-# them). CMDEXEC_TOKEN_FILE (default deploy/secrets/cmdexec_token, made here if missing, mode
-# 0600) holds the token clients use; write a new one there and run `up` again to rotate it.
-# The swarm is left in place: `docker swarm leave --force`.
+# them). CMDEXEC_TOKEN_FILE (default deploy/secrets/cmdexec_token) holds the token clients
+# use and CMDEXEC_POLICY_FILE (default deploy/secrets/cmdexec-policy.yaml) the identities;
+# both are made by cmdexec-credentials.sh when missing. Edit the policy and run `up` again to
+# change rights or rotate a token. The swarm is left in place: `docker swarm leave --force`.
 set -euo pipefail
 cd "$(dirname "$0")"
 action=${1:?usage: swarm.sh up|down NAME}
@@ -13,6 +14,7 @@ name=${2:?usage: swarm.sh up|down NAME}
 : "${IMAGE_TAG:?IMAGE_TAG is required}"
 export IMAGE_TAG
 export CMDEXEC_TOKEN_FILE="${CMDEXEC_TOKEN_FILE:-$PWD/secrets/cmdexec_token}"
+export CMDEXEC_POLICY_FILE="${CMDEXEC_POLICY_FILE:-$PWD/secrets/cmdexec-policy.yaml}"
 WAIT_S=${WAIT_S:-300}
 
 # Waits up to WAIT_S seconds for "$@" to succeed; says what it waited for otherwise.
@@ -51,22 +53,18 @@ case "$action" in
       docker swarm init --advertise-addr "${ADVERTISE_ADDR:-127.0.0.1}" >/dev/null
       echo "swarm.sh: created a one-node swarm (leave it with: docker swarm leave --force)"
     fi
-    if [ ! -s "$CMDEXEC_TOKEN_FILE" ]; then
-      mkdir -p "$(dirname "$CMDEXEC_TOKEN_FILE")"
-      (umask 077 && python3 -c 'import secrets; print(secrets.token_urlsafe(32))' >"$CMDEXEC_TOKEN_FILE")
-      echo "swarm.sh: wrote a new cmdexec token to $CMDEXEC_TOKEN_FILE"
-    fi
+    bash cmdexec-credentials.sh "$CMDEXEC_TOKEN_FILE" "$CMDEXEC_POLICY_FILE"
     export SWARM_STACK="$name"
-    CMDEXEC_TOKEN_VERSION=$(stat -c %Y "$CMDEXEC_TOKEN_FILE")
+    CMDEXEC_POLICY_VERSION=$(sha256sum "$CMDEXEC_POLICY_FILE" | cut -c1-12)
     PROMETHEUS_CONFIG_VERSION=$(sha256sum prometheus/swarm.yml | cut -c1-12)
     PROMETHEUS_RULES_VERSION=$(sha256sum prometheus/rules/wirekit.yml | cut -c1-12)
-    export CMDEXEC_TOKEN_VERSION PROMETHEUS_CONFIG_VERSION PROMETHEUS_RULES_VERSION
+    export CMDEXEC_POLICY_VERSION PROMETHEUS_CONFIG_VERSION PROMETHEUS_RULES_VERSION
     docker stack deploy --resolve-image never -c stack.yaml "$name"
     sleep 2  # a changed service enters "updating" a moment after the deploy returns
     wait_for "every replica of $name running" converged
-    # Secrets and configs of earlier deploys (a rotated token, an edited config), once no task
+    # Configs (and secrets) of earlier deploys (an edited policy or config), once no task
     # uses them: removal fails for one still in use, which is then left for the next deploy.
-    current=" ${name}_cmdexec_token_$CMDEXEC_TOKEN_VERSION ${name}_prometheus_$PROMETHEUS_CONFIG_VERSION ${name}_rules_$PROMETHEUS_RULES_VERSION "
+    current=" ${name}_cmdexec_policy_$CMDEXEC_POLICY_VERSION ${name}_prometheus_$PROMETHEUS_CONFIG_VERSION ${name}_rules_$PROMETHEUS_RULES_VERSION "
     for kind in secret config; do
       docker "$kind" ls --filter "label=com.docker.stack.namespace=$name" --format '{{.Name}}' \
         | while read -r old; do

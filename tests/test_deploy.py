@@ -65,8 +65,8 @@ def _stack_services() -> dict[str, Any]:
         if os.environ.get("CI"):
             pytest.fail("docker (the CLI) is not installed")
         pytest.skip("no docker CLI")
-    env = {**os.environ, "IMAGE_TAG": "t", "CMDEXEC_TOKEN_FILE": "/dev/null", "SWARM_STACK": "s",
-           "CMDEXEC_TOKEN_VERSION": "1", "PROMETHEUS_CONFIG_VERSION": "2",
+    env = {**os.environ, "IMAGE_TAG": "t", "CMDEXEC_POLICY_FILE": "/dev/null", "SWARM_STACK": "s",
+           "CMDEXEC_POLICY_VERSION": "1", "PROMETHEUS_CONFIG_VERSION": "2",
            "PROMETHEUS_RULES_VERSION": "3"}  # fmt: skip
     command = [docker, "stack", "config", "-c", "deploy/stack.yaml"]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
@@ -105,12 +105,13 @@ def test_stack_runs_every_service_hardened_replicated_and_reachable_by_dns() -> 
         grace = float(svc["stop_grace_period"].removesuffix("s"))
         assert grace > 8 + 2, name  # the drain, then the last replies' 2 s
         assert {"type": "tmpfs", "target": "/tmp", "tmpfs": {"size": 16777216}} in svc["volumes"]
-    secret = services["cmdexec"]["secrets"][0]
-    assert (secret["target"], secret["uid"], secret["mode"]) == (
-        "wirekit_cmdexec_token",
+    policy = services["cmdexec"]["configs"][0]
+    assert (policy["target"], policy["uid"], policy["mode"]) == (
+        "/etc/wirekit/cmdexec-policy.yaml",
         "10001",
-        0o400,
+        0o440,
     )
+    assert services["cmdexec"]["environment"]["WIREKIT_CMDEXEC_POLICY_FILE"] == policy["target"]
 
 
 def test_offline_compose_override_is_valid() -> None:
@@ -145,7 +146,7 @@ def _port_free(port: int) -> bool:
 
 
 @pytest.fixture
-def offline_stack(docker_client: docker.DockerClient) -> Iterator[list[str]]:
+def offline_stack(docker_client: docker.DockerClient, tmp_path: Path) -> Iterator[list[str]]:
     """`make up OFFLINE=1` under a project and tag of its own; everything removed at the end."""
     busy = [p for p in STACK_TCP_PORTS if not _port_free(p)]
     if busy:
@@ -159,18 +160,21 @@ def offline_stack(docker_client: docker.DockerClient) -> Iterator[list[str]]:
             f"BIN={Path(sys.executable).parent}"]  # fmt: skip
     compose = [*_compose(), "-p", name, "-f", "deploy/compose.yaml",
                "-f", "deploy/compose.offline.yaml"]  # fmt: skip
+    # cmdexec's token and policy: made by `make up` here, not in the checkout's deploy/secrets.
+    env = {**os.environ, "CMDEXEC_TOKEN_FILE": str(tmp_path / "token"),
+           "CMDEXEC_POLICY_FILE": str(tmp_path / "policy.yaml")}  # fmt: skip
     try:
         up = subprocess.run([*make, "up"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=900, check=False)  # fmt: skip
+                            timeout=900, check=False, env=env)  # fmt: skip
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
         yield compose
     finally:
         down = None
         with contextlib.suppress(subprocess.TimeoutExpired):
             down = subprocess.run([*make, "down"], cwd=ROOT, capture_output=True, text=True,
-                                  timeout=300, check=False)  # fmt: skip
+                                  timeout=300, check=False, env=env)  # fmt: skip
         subprocess.run([*compose, "down", "-v"], cwd=ROOT, capture_output=True, timeout=300,
-                       check=False, env={**os.environ, "IMAGE_TAG": tag})  # fmt: skip
+                       check=False, env={**env, "IMAGE_TAG": tag})  # fmt: skip
         for image in ("echo", "cmdexec", "udp", "prometheus"):
             with contextlib.suppress(NotFound):
                 docker_client.images.remove(f"wirekit-{image}:{tag}", force=True)
@@ -179,7 +183,7 @@ def offline_stack(docker_client: docker.DockerClient) -> Iterator[list[str]]:
     assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-3000:]
 
 
-def test_make_up_offline_gets_to_alerts_firing(offline_stack: list[str]) -> None:
+def test_make_up_offline_gets_to_alerts_firing(offline_stack: list[str], tmp_path: Path) -> None:
     """docs/operations.md, on a machine without a registry: `make up OFFLINE=1`, every target
     up, then both of its "see an alert fire" recipes: wrong cmdexec tokens and a stopped udp."""
     prom = Prometheus("http://127.0.0.1:9090")
@@ -200,6 +204,11 @@ def test_make_up_offline_gets_to_alerts_firing(offline_stack: list[str]) -> None
                           text=True, timeout=120, check=False)  # fmt: skip
     assert stop.returncode == 0, stop.stderr
     client = Path(sys.executable).parent / "wirekit-cmdexec-client"
+    # The policy `make up` made and mounted: its identity's token runs a command.
+    right = subprocess.run([str(client), "run", "--token-file", str(tmp_path / "token"), "--",
+                            "echo", "admin"], capture_output=True, text=True, timeout=60,
+                           check=False)  # fmt: skip
+    assert (right.returncode, right.stdout) == (0, "admin\n"), right.stderr
     for _ in range(11):
         guess = subprocess.run([str(client), "run", "--", "true"], capture_output=True,
                                text=True, timeout=60, check=False,

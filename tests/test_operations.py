@@ -155,11 +155,23 @@ OVERLAYS = ["base", "overlays/dev", "overlays/production"]
 def test_manifests_validate_against_the_kubernetes_schemas(overlay: str) -> None:
     docs = _render(overlay)
     kinds = sorted({d["kind"] for d in docs})
-    for needed in ("Deployment", "Service", "Secret", "NetworkPolicy", "HorizontalPodAutoscaler",
+    for needed in ("Deployment", "Service", "NetworkPolicy", "HorizontalPodAutoscaler",
                    "Namespace"):  # fmt: skip
         assert needed in kinds
     for doc in docs:
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    # cmdexec's identities: the operator's Secret, mounted where the setting points.
+    (cmdexec,) = [
+        d for d in docs if d["kind"] == "Deployment" and "cmdexec" in d["metadata"]["name"]
+    ]
+    pod = cmdexec["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    (volume,) = [v for v in pod["volumes"] if "secret" in v]
+    assert volume["secret"]["secretName"] == "wirekit-cmdexec-policy"
+    assert volume["secret"].get("optional") is not True  # no policy, no pod: nothing open
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == volume["name"]]
+    item = volume["secret"]["items"][0]["path"]
+    assert env["WIREKIT_CMDEXEC_POLICY_FILE"] == f"{mount['mountPath']}/{item}"
 
 
 def test_schema_validation_can_fail() -> None:

@@ -4,7 +4,7 @@ replica, a rolling update under load, scaling, and a killed replica (docs/operat
 
 The test deploys under a stack name and image tag of its own, talks to the replicas from a probe
 container on the stack's attachable overlay network (tests/stack_probe.py), and removes what it
-made: the stack (services, network, secret, configs), its data volume, the Prometheus image tag,
+made: the stack (services, network, configs), its data volume, the Prometheus image tag,
 and the swarm itself only if there was none before.
 """
 
@@ -30,6 +30,8 @@ from docker.errors import APIError, NotFound
 from docker.models.containers import Container
 from wirekit_testkit import wait_until
 
+from wirekit_cmdexec.identities import hash_token
+
 REPLICAS = 3
 PROBE = "/probe/stack_probe.py"
 SERVICES = {"echo": 9700, "cmdexec": 9710, "udp": 9720}
@@ -46,6 +48,7 @@ class Stack:
     name: str
     probe: Container
     token_file: Path
+    policy_file: Path
     client: docker.DockerClient
     make: list[str]
     env: dict[str, str]
@@ -120,10 +123,12 @@ def stack(
 ) -> Iterator[Stack]:
     tag = images["echo"].split(":", 1)[1]
     name = f"wkit{uuid.uuid4().hex[:8]}"
-    token_file = tmp_path_factory.mktemp("stack") / "cmdexec_token"
+    secrets = tmp_path_factory.mktemp("stack")
+    token_file, policy_file = secrets / "cmdexec_token", secrets / "cmdexec-policy.yaml"
     make = ["make", "-s", f"IMAGE_TAG={tag}", f"SWARM_STACK={name}", f"BASE_IMAGE={BASE_IMAGE}",
             f"BIN={Path(sys.executable).parent}"]  # fmt: skip
-    env = {**os.environ, "CMDEXEC_TOKEN_FILE": str(token_file)}
+    env = {**os.environ, "CMDEXEC_TOKEN_FILE": str(token_file),
+           "CMDEXEC_POLICY_FILE": str(policy_file)}  # fmt: skip
     made_swarm = _swarm_state(docker_client) != "active"
     probe: Container | None = None
     try:
@@ -136,7 +141,7 @@ def stack(
             cap_drop=["ALL"], network=f"{name}_net", name=f"{name}-probe",
             volumes={str(ROOT / "tests/stack_probe.py"): {"bind": PROBE, "mode": "ro"}},
         )  # fmt: skip
-        yield Stack(name, probe, token_file, docker_client, make, env)
+        yield Stack(name, probe, token_file, policy_file, docker_client, make, env)
     finally:
         if probe is not None:
             with contextlib.suppress(NotFound):
@@ -186,7 +191,7 @@ def test_every_replica_runs_healthy_and_prometheus_scrapes_all_nine(stack: Stack
 
 def test_clients_on_the_network_reach_every_replica(stack: Stack) -> None:
     """dnsrr: the service name resolves to every replica; clients that pick among the
-    addresses spread over all of them (echo, udp, and cmdexec with the swarm secret's token)."""
+    addresses spread over all of them (echo, udp, and cmdexec with the policy's token)."""
     echo_ips = set(stack.probe_json("resolve", "tasks.echo"))
     reached = stack.probe_json("spread", "echo", "7000", "30")
     assert set(reached) == echo_ips, reached
@@ -273,19 +278,24 @@ def test_a_killed_replica_is_replaced_and_never_alerts(stack: Stack) -> None:
     assert firing == []
 
 
-def test_a_new_token_rolls_over_every_replica_and_the_old_one_is_refused(stack: Stack) -> None:
-    """docs/operations.md: write a new token into the file, `make stack-up` again. The stack
-    gets a new secret, cmdexec rolls over to it, the old secret is removed."""
+def test_a_new_token_in_the_policy_rolls_over_every_replica(stack: Stack) -> None:
+    """docs/operations.md: put the new token's hash in the policy file, `make stack-up` again.
+    The stack gets a new config, cmdexec rolls over to it, the old config is removed, the new
+    token works on every replica and the old one is refused."""
     old = stack.token
-    secrets_before = {s.name for s in stack.client.secrets.list()}
-    time.sleep(1.1)  # the secret's name carries the file's modification time, in seconds
-    stack.token_file.write_text(uuid.uuid4().hex + uuid.uuid4().hex + "\n")
+    configs_before = {c.name for c in stack.client.configs.list()}
+    new = uuid.uuid4().hex + uuid.uuid4().hex
+    stack.token_file.write_text(new + "\n")
+    stack.policy_file.write_text(
+        f"version: 1\nidentities:\n  admin:\n    tokens: ['{hash_token(new)}']\n"
+    )
     stack.deploy()
     replica_ids = {c.id[:12] for c in stack.client.containers.list(
         filters={"label": f"com.docker.swarm.service.name={stack.name}_cmdexec"})}  # fmt: skip
-    assert set(stack.cmdexec_hostnames(stack.token).values()) == replica_ids
+    assert set(stack.cmdexec_hostnames(new).values()) == replica_ids
     refused = stack.cmdexec_hostnames(old)
-    assert all("unauthorized" in answer for answer in refused.values()), refused
-    ours = {s.name for s in stack.client.secrets.list() if s.name.startswith(stack.name)}
+    assert all("unauthorized: wrong token" in answer for answer in refused.values()), refused
+    ours = {c.name for c in stack.client.configs.list()
+            if c.name.startswith(f"{stack.name}_cmdexec_policy_")}  # fmt: skip
     assert len(ours) == 1
-    assert not ours & secrets_before
+    assert not ours & configs_before
