@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from wirekit_harness import CmdexecHarness, StartCmdexec
 from wirekit_testkit import make_test_pki, service_process
 
@@ -75,6 +78,8 @@ def running(start: StartCmdexec, path: str, **kw: Any) -> Any:
         pytest.param("version: 1\nidentities:\n  a: [\n", 4, "expected", id="yaml-syntax"),
         pytest.param("version: 1\nidentities:\n  'bad name!': {}\n", 3, "pattern",
                      id="identity-name"),
+        pytest.param("version: 1\nidentities:\n  a:\n    shell: yes\n", 4,
+                     "identities.a.shell: Input should be a valid boolean", id="yes-is-no-bool"),
     ],
 )  # fmt: skip
 def test_a_bad_policy_file_is_refused_naming_the_line(text: str, line: int, needle: str) -> None:
@@ -193,6 +198,66 @@ async def test_an_identity_has_its_own_run_limit(
         assert err.value.code == "busy"
         assert await asyncio.to_thread(_run, h, BOB, ["uname", "-s"]) == 0  # bob is not limited
         assert await first == 0
+
+
+async def test_an_identity_has_its_own_limits_workdir_and_environment(
+    start_cmdexec: StartCmdexec, tmp_path: Path
+) -> None:
+    """timeout_run_s, limit_output_bytes, workdir and env of the identity, not the server's."""
+    (tmp_path / "work").mkdir()
+    path = policy(tmp_path, f"""\
+        version: 1
+        identities:
+          tight:
+            tokens: ["{hash_token(ALICE)}"]
+            allow: [sleep, yes, env, ls]
+            timeout_run_s: 0.5
+            limit_output_bytes: 1000
+            workdir: {tmp_path / "work"}
+            env: {{STAGE: test}}
+        """)  # fmt: skip
+    async with running(start_cmdexec, path, timeout_run_s=30) as h:
+
+        def run(argv: list[str]) -> tuple[Any, bytes]:
+            out = bytearray()
+            with CmdexecClient(h.sock(), ALICE) as client:
+                return client.run(argv, on_stdout=out.extend, on_stderr=out.extend), bytes(out)
+
+        exit_, _ = await asyncio.to_thread(run, ["sleep", "5"])
+        assert exit_.timed_out
+        exit_, out = await asyncio.to_thread(run, ["yes"])
+        assert exit_.output_capped
+        assert len(out) == 1000
+        _, out = await asyncio.to_thread(run, ["env"])
+        env = dict(line.split("=", 1) for line in out.decode().splitlines())
+        assert env["STAGE"] == "test"
+        assert env["HOME"] == str(tmp_path / "work")
+        (tmp_path / "work" / "marker").touch()
+        _, out = await asyncio.to_thread(run, ["ls"])
+        assert out == b"marker\n"  # run in the identity's workdir
+
+
+def test_no_policy_text_crashes_the_parser() -> None:
+    """Whatever the file holds, the parser answers with a config or a PolicyFileError."""
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.one_of(
+        st.text(max_size=300),
+        st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+                     lambda kids: st.lists(kids, max_size=4)
+                     | st.dictionaries(st.text(max_size=10), kids, max_size=4),
+                     max_leaves=20).map(lambda d: yaml.safe_dump({"version": 1, "identities": d})),
+    ))  # fmt: skip
+    def check(text: str) -> None:
+        try:
+            parse_policy(text)
+        except PolicyFileError as exc:
+            message = str(exc)
+        else:
+            message = "valid"
+        assert message
+
+    check()
 
 
 # -- reload -------------------------------------------------------------------------------------

@@ -45,6 +45,8 @@ from pydantic import (
     ConfigDict,
     Field,
     IPvAnyNetwork,
+    StrictBool,
+    StrictInt,
     ValidationError,
     field_validator,
 )
@@ -97,10 +99,11 @@ class IdentityPolicy(BaseModel):
     sources: list[IPvAnyNetwork] | None = None
     allow: list[str] | None = None
     arg_patterns: dict[str, str] | None = None
-    shell: bool | None = None
+    # Strict: `shell: "yes"` or `limit_runs: "2"` is a mistake to point out, not to guess at.
+    shell: StrictBool | None = None
     timeout_run_s: Annotated[float, Field(gt=0)] | None = None
-    limit_output_bytes: Annotated[int, Field(ge=0)] | None = None
-    limit_runs: Annotated[int, Field(ge=1)] | None = None
+    limit_output_bytes: Annotated[StrictInt, Field(ge=0)] | None = None
+    limit_runs: Annotated[StrictInt, Field(ge=1)] | None = None
     workdir: str | None = None
     env: dict[str, str] | None = None
 
@@ -129,7 +132,8 @@ class PolicyFileError(Exception):
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """Safe YAML that refuses a key given twice in one mapping (a second identity of the same
-    name would silently replace the first)."""
+    name would silently replace the first), and where only true and false are booleans (as in
+    YAML 1.2): `allow: [yes]` is the `yes` command, not True."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
@@ -141,6 +145,16 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+_UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_UniqueKeyLoader.add_implicit_resolver(
+    _BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 
 
 def _line_of(root: yaml.Node | None, loc: Sequence[int | str]) -> int | None:
@@ -168,7 +182,7 @@ def parse_policy(text: str, source: str = "<policy>") -> PolicyFile:
     """Validate a policy file's text; :class:`PolicyFileError` names every problem's line."""
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=_UniqueKeyLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{source}:{mark.line + 1}" if mark else source
