@@ -714,7 +714,7 @@ def test_failed_logins_are_rate_limited_per_source(images: dict[str, str], tmp_p
         refused_before_auth(AUTH)(srv)  # limited: even the right token is refused
         assert srv.metric("cmdexec_auth_failures_total", reason="token") == 3
         assert srv.metric("cmdexec_auth_failures_total", reason="rate_limited") == 1
-        assert any('"rate_limited"' in line and '"peer"' in line for line in srv.new_log())
+        assert any('"rate_limited"' in line and '"source"' in line for line in srv.new_log())
         time.sleep(2.2)  # one attempt regained
         Session(srv).send(AUTH).works().close()
 
