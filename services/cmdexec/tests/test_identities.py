@@ -4,6 +4,7 @@ the real server over sockets, per-identity limits and metrics, and reload on SIG
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -306,10 +307,11 @@ async def test_rotation_two_tokens_then_the_old_one_refused_after_reload(
         await until(lambda: h.value("cmdexec_connections_active") == 0)
 
 
-def _info(h: CmdexecHarness) -> str:
+def _info(h: CmdexecHarness, label: str = "policy_sha256") -> str:
+    """A label of cmdexec_config_info: the configuration in force."""
     for metric in h.registry.collect():
         if metric.name == "cmdexec_config":
-            return str(metric.samples[0].labels["policy_sha256"])
+            return str(metric.samples[0].labels[label])
     raise AssertionError("no cmdexec_config_info")
 
 
@@ -344,13 +346,6 @@ def _mtls(pki: dict[str, Path]) -> ssl.SSLContext:
     return ctx
 
 
-def _tls_sha(h: CmdexecHarness) -> str:
-    for metric in h.registry.collect():
-        if metric.name == "cmdexec_config":
-            return str(metric.samples[0].labels["tls_sha256"])
-    raise AssertionError("no cmdexec_config_info")
-
-
 async def test_certificate_rotation_new_client_accepted_old_ca_refused(
     start_cmdexec: StartCmdexec, tmp_path: Path
 ) -> None:
@@ -377,10 +372,10 @@ async def test_certificate_rotation_new_client_accepted_old_ca_refused(
         open_before = await asyncio.to_thread(lambda: CmdexecClient(h.sock(), ""))
         try:
             assert await asyncio.to_thread(_run_on, open_before, ["echo", "old"]) == 0
-            sha = _tls_sha(h)
+            sha = _info(h, "tls_sha256")
             _install(new, tmp_path / "live")
             await _reloaded(h, "ok")
-            assert _tls_sha(h) != sha
+            assert _info(h, "tls_sha256") != sha
             h.tls = _mtls(new)
             assert await asyncio.to_thread(_run, h, "", ["echo", "new"]) == 0
             h.tls = _mtls(old)
@@ -421,3 +416,31 @@ def test_sighup_to_the_supervisor_reloads_every_worker(tmp_path: Path) -> None:
         proc.popen.terminate()
         assert proc.popen.wait(30) == 0
         proc.assert_clean_log()
+
+
+async def test_a_silent_or_plaintext_client_on_the_tls_port_is_counted_and_closed(
+    start_cmdexec: StartCmdexec, tmp_path: Path
+) -> None:
+    """The handshake has the AUTH deadline: a client that sends nothing is closed after
+    timeout_auth_s (`timeout`), one that speaks plaintext at once (`tls`); no slot stays held."""
+    pki = make_test_pki(tmp_path / "pki")
+    async with start_cmdexec(
+        tls_cert_file=str(pki["server.pem"]), tls_key_file=str(pki["server.key"]),
+        timeout_auth_s=0.5,
+    ) as h:  # fmt: skip
+
+        def silent() -> bytes:
+            with socket.create_connection(("127.0.0.1", h.port), timeout=10) as s:
+                return s.recv(100)  # b"" (closed) or a reset: either way, not kept open
+
+        def plaintext() -> bytes:
+            with socket.create_connection(("127.0.0.1", h.port), timeout=10) as s:
+                s.sendall(b"\x00\x00\x00\x10" + b"\x01" + b'{"token": "x"}\n')
+                return s.recv(100)
+
+        for probe in (silent, plaintext):
+            with contextlib.suppress(ConnectionResetError):
+                await asyncio.to_thread(probe)
+        await until(lambda: h.value("cmdexec_auth_failures_total", reason="timeout") == 1)
+        await until(lambda: h.value("cmdexec_auth_failures_total", reason="tls") == 1)
+        await until(lambda: h.value("cmdexec_connections_active") == 0)
