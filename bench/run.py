@@ -604,6 +604,16 @@ def render(report: dict[str, Any]) -> str:
         lines += ["## cmdexec", "", "| what | p50 ms | p99 ms |", "|---|---|---|"]
         for row in cx["latency"]:
             lines.append(f"| {row['name']} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} |")
+        p50 = {row["name"]: row["p50_ms"] for row in cx["latency"]}
+        local = p50.get("local subprocess.run(['true'])")
+        ours = p50.get("wirekit cmdexec `true` (one connection)")
+        if local is not None and ours is not None:
+            lines += ["", f"`true` p50 over a local spawn: +{ours - local:.2f} ms (target: +1 ms)"]
+        if wrap := cx.get("wrapper"):
+            size = (
+                f", {wrap['bytes'] / 1024:.0f} KB static {wrap['libc']}" if "bytes" in wrap else ""
+            )
+            lines += ["", f"rlimits: {wrap['mode']}{size}"]
         lines += ["", "| streaming 100 MB | MB/s |", "|---|---|"]
         for row in cx["streaming"]:
             lines.append(f"| {row['name']} | {row['mb_per_s']:.0f} |")

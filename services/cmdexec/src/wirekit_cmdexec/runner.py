@@ -105,11 +105,11 @@ Wrapper = Literal["auto", "wirekit-limits", "prlimit"]
 class Spawner:
     """Resource limits in force before a command's first instruction: the command is started
     through an exec wrapper that sets them, then execs it -- ``wirekit-limits`` (a static
-    binary shipped with the image, ~0.4 ms per command) or else util-linux's ``prlimit``
-    (dynamically linked, ~1.5 ms). The wrapper is looked for beside the Python interpreter (the
-    virtualenv's ``bin``), then on ``search``. With neither on the machine, the limits are set
-    with ``prlimit(2)`` right after the spawn, which a command that forks at once can outrun
-    (the mode is logged at start)."""
+    binary shipped with the image: +0.06 ms per command built against musl, +0.36 ms against
+    glibc) or else util-linux's ``prlimit`` (dynamically linked, +0.75 ms). The wrapper is
+    looked for beside the Python interpreter (the virtualenv's ``bin``), then on ``search``.
+    With neither on the machine, the limits are set with ``prlimit(2)`` right after the spawn,
+    which a command that forks at once can outrun (the mode is logged at start)."""
 
     def __init__(
         self, rlimits: Mapping[str, int], wrapper: Wrapper = "auto", search: str = "/usr/bin:/bin"
