@@ -133,6 +133,17 @@ def test_an_unusable_policy_file_at_start_is_one_clear_line(tmp_path: Path) -> N
                      "Input should be a valid string"], lines  # fmt: skip
 
 
+async def test_the_test_harness_reports_a_refused_policy_file_at_once(
+    start_cmdexec: StartCmdexec, tmp_path: Path
+) -> None:
+    """The in-process harness raises the service's own error when it ends before it is ready
+    (it used to wait for readiness until its 10 s timeout and report only that)."""
+    path = policy(tmp_path, "version: 1\nidentities:\n  a:\n    allow: [true]\n")
+    with pytest.raises(PolicyFileError, match=":4: identities.a.allow.0"):
+        async with running(start_cmdexec, path):
+            pass
+
+
 def test_token_and_policy_file_exclude_each_other(tmp_path: Path) -> None:
     env = {**os.environ, "WIREKIT_CMDEXEC_TOKEN": "t",
            "WIREKIT_CMDEXEC_POLICY_FILE": policy(tmp_path, BASE)}  # fmt: skip

@@ -111,7 +111,18 @@ async def _running(serve: Serve, settings: ServiceSettings, cls: type[R]) -> Asy
     service.task = asyncio.create_task(
         serve(settings, service.registry, provider, on_ready, service.stop)
     )
-    await asyncio.wait_for(ready.wait(), 10)
+    # Ready, or ended first (settings it refuses): say so at once rather than wait it out.
+    waiter = asyncio.create_task(ready.wait())
+    await asyncio.wait({waiter, service.task}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    await asyncio.gather(waiter, return_exceptions=True)
+    if not ready.is_set():
+        if service.task.done():
+            code = service.task.result()  # or its exception, raised here
+            raise RuntimeError(f"the service ended before it was ready (exit {code})")
+        service.task.cancel()
+        await asyncio.gather(service.task, return_exceptions=True)
+        raise TimeoutError("the service was not ready within 10 s")
     try:
         yield service
     finally:
