@@ -139,7 +139,7 @@ async def test_the_test_harness_reports_a_refused_policy_file_at_once(
     """The in-process harness raises the service's own error when it ends before it is ready
     (it used to wait for readiness until its 10 s timeout and report only that)."""
     path = policy(tmp_path, "version: 1\nidentities:\n  a:\n    allow: [true]\n")
-    with pytest.raises(PolicyFileError, match=":4: identities.a.allow.0"):
+    with pytest.raises(PolicyFileError, match=r":4: identities\.a\.allow\.0"):
         async with running(start_cmdexec, path):
             pass
 
