@@ -111,7 +111,7 @@ def _drop(_: bytes) -> None:
 
 def wrapper() -> dict[str, object]:
     """The exec wrapper the service will use (as its Spawner finds it): its linkage decides
-    most of the spawn overhead (static musl ~0.05 ms, static glibc ~0.3 ms per command)."""
+    its cost per command (static musl +0.06 ms, static glibc +0.36 ms: bench/RESULTS.md)."""
     from wirekit_cmdexec.runner import Spawner
 
     spawner = Spawner({"nproc": 1})
