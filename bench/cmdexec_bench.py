@@ -19,7 +19,7 @@ from pathlib import Path
 
 from wirekit_cmdexec.client import CmdexecClient
 
-TOKEN = "bench-token-" + "q" * 20
+TOKEN = "bench-Tq3vXw0yZk8sPd2LmN5rBc7HfJ1gAe4U"  # strong: weak tokens are refused
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:

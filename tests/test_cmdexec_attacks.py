@@ -28,7 +28,7 @@ from wirekit_testkit import hardened, scrape, wait_until
 from wirekit_cmdexec.messages import Exit, Kind, decode
 from wirekit_framing import encode, recv_frame
 
-TOKEN = "attack-suite-token-" + "k" * 24
+TOKEN = "attack-lavmWgfvY3jc4g8K0oECt-QMd40Aw_aT"
 ALLOW = ["echo", "true", "sh", "sleep", "head", "cat", "setsid", "nohup", "yes", "env", "id"]
 SETTINGS = {
     "ALLOW": json.dumps(ALLOW),

@@ -32,7 +32,7 @@ from wirekit_cmdexec.client import CmdexecClient, RemoteError
 from wirekit_cmdexec.identities import hash_token
 
 Start = Callable[[DockerContainer], DockerContainer]
-TOKEN = "integration-token-" + "z" * 24
+TOKEN = "integration-axtimtundzq7zFSOzr4QaPeRPanIymR1"
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 
 
@@ -149,7 +149,10 @@ def test_policy_file_mounted_and_reloaded_with_docker_kill_hup(
 ) -> None:
     """Identities from a mounted policy file; `docker kill --signal HUP` reloads it (a new
     token for ops, a new right for ci); the audit trail goes to a file of its own."""
-    ops, ops_next, ci = "ops-" + "a" * 40, "ops-next-" + "b" * 40, "ci-" + "c" * 40
+    ops, ops_next, ci = (
+        "ops-nownW0KLVbf0Hj63ktVElrltSIS069Zm", "ops-next-JDzDbO05oI5eAcCCoLqYk6zUHI49zy20",
+        "ci-x6jYyjiCXLtEqPqjSU9e1nhh4SiZ1hY1",
+    )  # fmt: skip
     conf = tmp_path / "conf"
     conf.mkdir()
     conf.chmod(0o777)  # the image's user writes the audit file there

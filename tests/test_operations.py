@@ -34,7 +34,7 @@ METRIC = re.compile(r"\b((?:echo|cmdexec|udp|process)_[a-z_]+)\b")
 def exported_names() -> Iterator[set[str]]:
     """Start the three services for real and collect every sample name from their /metrics."""
     names = {"up"}
-    env = {"PATH": "/usr/bin:/bin", "WIREKIT_CMDEXEC_TOKEN": "t" * 32,
+    env = {"PATH": "/usr/bin:/bin", "WIREKIT_CMDEXEC_TOKEN": "ops-wjKPM2YiFjTX8b0Hn92Sdfuzo8jSygo_",
            "WIREKIT_CMDEXEC_ALLOW_ROOT": "true"}  # the tests run as root  # fmt: skip
     with contextlib.ExitStack() as stack:
         for module in SERVICES.values():
@@ -233,8 +233,8 @@ def test_every_container_meets_the_restricted_profile(overlay: str) -> None:
 def test_the_shipped_rules_fire_in_a_real_prometheus(prometheus_for: Any, tmp_path: Path) -> None:
     """cmdexec as a process, Debian's Prometheus with deploy/prometheus/rules, wrong tokens:
     WirekitCmdexecAuthFailures fires (no `for:`, so on the next evaluation)."""
-    env = {"PATH": "/usr/bin:/bin", "WIREKIT_CMDEXEC_TOKEN": "right-token-" + "x" * 20,
-           "WIREKIT_CMDEXEC_ALLOW_ROOT": "true"}  # fmt: skip
+    env = {"PATH": "/usr/bin:/bin", "WIREKIT_CMDEXEC_ALLOW_ROOT": "true",
+           "WIREKIT_CMDEXEC_TOKEN": "right-dZwMtY4yDEQE_Up7pwU4_3ejoPkbhrMR"}  # fmt: skip
     with service_process("wirekit_cmdexec", "--port", "0", "--metrics-port", "0",
                          "--auth-failure-delay-s", "0", env=env) as proc:  # fmt: skip
         ports = proc.ports

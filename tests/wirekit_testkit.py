@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from testcontainers.core.container import DockerContainer
 
 #: The token of the in-process cmdexec servers of the unit tests.
-CMDEXEC_TOKEN = "test-token-0123456789"
+CMDEXEC_TOKEN = "test-ZgWnryHrrF6Su8naDxGCnqSE7aaMaVpN"  # strong: weak ones are refused
 #: The project's one version (the VERSION file; the images are labelled with it).
 VERSION = (Path(__file__).resolve().parents[1] / "VERSION").read_text().strip()
 

@@ -27,7 +27,10 @@ from wirekit_cmdexec.client import CmdexecClient, RemoteError
 from wirekit_cmdexec.identities import PolicyFileError, hash_token, parse_policy
 from wirekit_servicekit.testing import until
 
-ALICE, ALICE_NEXT, BOB, CAROL = "alice-token-0123456789", "alice-next-98765", "bob-tok", "carol-t"
+ALICE, ALICE_NEXT, BOB, CAROL = (
+    "alice-UBIpx-W42TpMB2TgNE8CStHmI5ero2z-", "alice-next-B-Qybed4m3cijyQ15pw8Io2MXaxNSYaE",
+    "bob-vnI5WM3f1QqbFuGaUQ1jzG2osAWYi7Q3", "carol-sz5GrBkVmTASlnxYTasQL1HSyrLfmH9X",
+)  # fmt: skip
 
 
 def policy(tmp_path: Path, text: str) -> str:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from wirekit_servicekit.reload import hold
+
+# Before the slow imports below (pydantic, OpenTelemetry: most of a second): a SIGHUP from now
+# on waits for the reload handler instead of ending the process (see wirekit_servicekit.reload).
+hold()
+
 import asyncio
 import hashlib
 import logging
 import logging.handlers
 import os
-import signal
 import ssl
 import sys
 from collections.abc import Callable, Sequence
@@ -21,6 +26,7 @@ from wirekit_servicekit import (
     ConnectionHub,
     ConnectionLimits,
     Listener,
+    Reload,
     serve_service,
     service_main,
 )
@@ -38,6 +44,8 @@ from .identities import (
     hash_token,
     load_policy_file,
     new_token,
+    prepare_token_judge,
+    weak_token_problem,
 )
 from .protocol import AuthGuard, CmdexecContext, CmdexecMetrics, audit, handler
 from .runner import Spawner
@@ -47,8 +55,6 @@ NAME = "wirekit-cmdexec"
 log = logging.getLogger("wirekit_cmdexec")
 #: Largest buffered read of a connection's StreamReader.
 _READ_LIMIT = 64 * 1024
-#: Sources whose failed logins are remembered (the least recently seen forgotten first).
-_AUTH_SOURCES = 10_000
 
 
 def server_tls(settings: CmdexecSettings) -> tuple[ssl.SSLContext | None, str]:
@@ -133,6 +139,8 @@ def build_context(
     if not settings.policy_file:
         if settings.token is not None and settings.token.get_secret_value():
             token = settings.token.get_secret_value()
+            if settings.allow_weak_tokens and weak_token_problem(token):
+                log.warning("the token is weak: accepted because allow_weak_tokens is set")
         else:
             token = new_token()
             log.warning(
@@ -140,7 +148,19 @@ def build_context(
                 "a secret, or a policy file to keep it)",
                 extra={"token": token},
             )
-    metrics = CmdexecMetrics(registry)
+    guard = AuthGuard(
+        per_source=SourceLimiter(
+            settings.auth_failure_rate_per_source,
+            settings.auth_failure_burst_per_source,
+            settings.limit_auth_sources,
+        ),
+        overall=TokenBucket(settings.auth_failure_rate, settings.auth_failure_burst, 0.0),
+        delay_s=settings.auth_failure_delay_s,
+        delay_attack_s=settings.auth_failure_delay_attack_s,
+    )
+    metrics = CmdexecMetrics(registry, guard)
+    if settings.policy_file and not settings.allow_weak_tokens:
+        prepare_token_judge()  # tokens are judged at their first login: not in the loop's time
     rlimits = {"nproc": settings.rlimit_nproc, "cpu": settings.rlimit_cpu_s,
                "as": settings.rlimit_as_bytes}  # fmt: skip
     spawner = Spawner({k: v for k, v in rlimits.items() if v is not None}, settings.rlimit_wrapper)
@@ -159,21 +179,14 @@ def build_context(
         identities=identities,
         tls=tls,
         spawner=spawner,
-        guard=AuthGuard(
-            per_source=SourceLimiter(
-                settings.auth_failure_rate_per_source,
-                settings.auth_failure_burst_per_source,
-                _AUTH_SOURCES,
-            ),
-            overall=TokenBucket(settings.auth_failure_rate, settings.auth_failure_burst, 0.0),
-            delay_s=settings.auth_failure_delay_s,
-        ),
+        guard=guard,
         max_frame_size=settings.max_frame_size,
         limit_auth_bytes=settings.limit_auth_bytes,
         limit_exec_bytes=settings.limit_exec_bytes,
         limit_runs=settings.limit_runs,
         timeout_auth_s=settings.timeout_auth_s,
         timeout_write_s=settings.timeout_write_s,
+        allow_weak_tokens=settings.allow_weak_tokens,
         metrics=metrics,
         tracer=provider.get_tracer("wirekit_cmdexec", __version__),
         hub=ConnectionHub(ConnectionLimits.from_settings(settings), metrics.connections),
@@ -209,18 +222,6 @@ async def serve(
         callback = handler(svc)
         configure_audit_log(settings)
 
-        async def reload_on_sighup() -> None:
-            """SIGHUP reloads the configuration while the service runs."""
-            loop = asyncio.get_running_loop()
-            try:
-                loop.add_signal_handler(signal.SIGHUP, reload, svc, settings)
-            except (RuntimeError, ValueError):  # not the main thread: no signals
-                return
-            try:
-                await asyncio.Event().wait()  # until the service stops (cancelled)
-            finally:
-                loop.remove_signal_handler(signal.SIGHUP)
-
         def factory() -> asyncio.StreamReaderProtocol:
             return asyncio.StreamReaderProtocol(asyncio.StreamReader(_READ_LIMIT), callback)
 
@@ -235,7 +236,7 @@ async def serve(
         # TLS, when on, is started by each connection with the context in force then.
         listener = Listener("cmdexec", settings.host, settings.port, factory, svc.hub)
         return [listener, Background("process sweep", sweep),
-                Background("reload on SIGHUP", reload_on_sighup)]  # fmt: skip
+                Reload(lambda: reload(svc, settings))]  # fmt: skip
 
     return await serve_service(
         settings, NAME, __version__, build,
@@ -258,6 +259,12 @@ def refuse_unsafe_start(settings: CmdexecSettings) -> None:
     except FileNotFoundError as exc:
         print(f"wirekit-cmdexec: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    token = settings.token.get_secret_value() if settings.token is not None else ""
+    problem = weak_token_problem(token) if token else None
+    if problem is not None and not settings.allow_weak_tokens:
+        print(f"wirekit-cmdexec: {problem} (or set WIREKIT_CMDEXEC_ALLOW_WEAK_TOKENS=true to "
+              "accept it)", file=sys.stderr)  # fmt: skip
+        raise SystemExit(2)
     # The files a reload reads again: unusable at start is a clear error, not a traceback.
     try:
         if settings.policy_file:
@@ -283,15 +290,21 @@ def token_command(argv: Sequence[str]) -> int:
         print("Give the token to the client (a file, or WIREKIT_CMDEXEC_TOKEN); put the hash "
               "in the identity's tokens: [...] in the policy file.", file=sys.stderr)  # fmt: skip
         return 0
-    if list(argv) == ["hash"]:
+    if list(argv) in (["hash"], ["hash", "--allow-weak"]):
         token = sys.stdin.readline().strip()
         if not token:
             print("wirekit-cmdexec token hash: no token on stdin", file=sys.stderr)
             return 2
+        problem = weak_token_problem(token)
+        if problem is not None and "--allow-weak" not in argv:
+            print(f"wirekit-cmdexec token hash: {problem} (a server refuses it at login "
+                  "unless it sets allow_weak_tokens; --allow-weak hashes it anyway)",
+                  file=sys.stderr)  # fmt: skip
+            return 2
         print(hash_token(token))
         return 0
-    print("usage: wirekit-cmdexec token new | wirekit-cmdexec token hash < token-file",
-          file=sys.stderr)  # fmt: skip
+    print("usage: wirekit-cmdexec token new | wirekit-cmdexec token hash [--allow-weak] "
+          "< token-file", file=sys.stderr)  # fmt: skip
     return 2
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -51,7 +52,7 @@ from .errors import (
     TooLarge,
     Unauthorized,
 )
-from .identities import Identities, Identity, certificate_names, hash_token
+from .identities import Identities, Identity, certificate_names, hash_token, weak_token_problem
 from .messages import BadMessage, Exec, Exit, Kind, decode_client, encode_json
 from .policy import Decision
 from .runner import END, End, Inbox, Spawner
@@ -60,7 +61,9 @@ log = logging.getLogger(__name__)
 audit = logging.getLogger("wirekit_cmdexec.audit")
 
 RESULTS = ("ok", "nonzero", "signal", "timeout", "output_cap", "aborted", "denied", "error")
-AUTH_FAILURES = ("token", "protocol", "timeout", "rate_limited", "source", "tls")
+AUTH_FAILURES = ("token", "protocol", "timeout", "rate_limited", "source", "tls", "weak_token")
+#: Token hashes judged at login (strong or not), at most this many remembered.
+_JUDGED_TOKENS = 1024
 DURATION_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
@@ -73,8 +76,22 @@ _KIND_BYTE = {kind: bytes((kind,)) for kind in Kind}
 
 
 class CmdexecMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, guard: AuthGuard) -> None:
         ns = "cmdexec"
+        Gauge(
+            "auth_under_attack", "1 while failed logins from all sources together are over "
+            "auth_failure_burst (failures answered after auth_failure_delay_attack_s).",
+            namespace=ns, registry=registry,
+        ).set_function(guard.attacked_now)  # fmt: skip
+        Gauge(
+            "auth_sources", "Source addresses (IPv6: /64s) with failed logins remembered.",
+            namespace=ns, registry=registry,
+        ).set_function(lambda: len(guard.per_source))  # fmt: skip
+        Gauge(
+            "auth_limited_sources", "Sources refused at their last attempt because they had "
+            "spent their budget of failed logins (rate_limited).",
+            namespace=ns, registry=registry,
+        ).set_function(lambda: guard.per_source.limited)  # fmt: skip
         self.connections = ConnectionMetrics(ns, registry, [])
         self.runs = Counter(
             "runs", "Commands requested, by result.", ["result"], namespace=ns, registry=registry
@@ -137,21 +154,61 @@ class CmdexecMetrics:
 
 @dataclass
 class AuthGuard:
-    """Failed logins, limited per source address and in all: once a source (or everyone) has
-    used its budget, further attempts are refused without looking at the token."""
+    """Failed logins. The rule (the README's security model states it for operators):
+
+    - Each source -- an IPv4 address, an IPv6 /64 -- may fail ``auth_failure_burst_per_source``
+      times, then regains ``auth_failure_rate_per_source`` failures per second. A source that has
+      spent its budget is refused without its token being looked at (``rate_limited``), and
+      told so, with its address and when to retry.
+    - All sources together have a budget as well, but it refuses nobody: once it is spent the
+      service is *under attack* -- a WARNING is logged, ``cmdexec_auth_under_attack`` is 1 and
+      every failed login is answered after ``delay_attack_s`` instead of ``delay_s`` -- until
+      it has regained its whole burst. A source within its own budget is never refused because
+      of other sources' failures (many addresses must not lock every user out); what makes
+      guessing from any number of addresses hopeless is the token's strength
+      (:func:`~.identities.token_bits`).
+    - The table of sources is bounded (``limit_auth_sources``): the least recently failed
+      source is forgotten first, so a spray from many addresses costs bounded memory; a source
+      forgotten starts afresh (OpenSSH's ``PerSourcePenalties`` calls this overflow policy
+      permissive, its default).
+    """
 
     per_source: SourceLimiter
     overall: TokenBucket
     delay_s: float
+    delay_attack_s: float
+    under_attack: bool = False
 
-    def allows(self, source: str) -> bool:
+    def refusal(self, source: str) -> str | None:
+        """Why ``source`` may not try a token now, or None when it may."""
         now = time.monotonic()
-        return self.overall.ready(now) and self.per_source.ready(source, now)
+        if self.per_source.ready(source, now):
+            return None
+        self.per_source.allow(source, now)  # takes nothing: marks the source limited (gauge)
+        wait = math.ceil(self.per_source.wait_s(source, now))
+        return f"too many failed logins from {source or 'this address'}; retry in {wait} s"
 
-    def failed(self, source: str) -> None:
+    def failed(self, source: str) -> float:
+        """Count a failed login of ``source``; return how long to wait before answering it."""
         now = time.monotonic()
-        self.overall.take(now)
         self.per_source.allow(source, now)
+        if self.overall.level(now) >= self.overall.burst:
+            self.under_attack = False  # the whole burst regained: the attack is over
+        if not self.overall.take(now) and not self.under_attack:
+            self.under_attack = True
+            log.warning(
+                "login attack: failed logins from all sources are over auth_failure_burst; "
+                "failures are answered after auth_failure_delay_attack_s, sources within "
+                "their own budget still get in",
+                extra={"sources": len(self.per_source), "delay_s": self.delay_attack_s},
+            )  # fmt: skip
+        return self.delay_attack_s if self.under_attack else self.delay_s
+
+    def attacked_now(self) -> bool:
+        """The gauge: under attack and not yet recovered (read at scrape time)."""
+        if self.under_attack and self.overall.level(time.monotonic()) >= self.overall.burst:
+            return False
+        return self.under_attack
 
 
 @dataclass
@@ -169,11 +226,14 @@ class CmdexecContext:
     limit_runs: int
     timeout_auth_s: float
     timeout_write_s: float
+    allow_weak_tokens: bool
     metrics: CmdexecMetrics
     tracer: trace.Tracer
     hub: ConnectionHub
     running: int = 0
     running_by_identity: dict[str, int] = field(default_factory=dict)
+    #: Token hash -> why the token is too weak ("" when strong): judged once per token.
+    weak: dict[str, str] = field(default_factory=dict)
     output: dict[Kind, Counter] = field(init=False)
     _killed_before: int = field(init=False)
 
@@ -184,6 +244,18 @@ class CmdexecContext:
             Kind.STDERR: self.metrics.output.labels("stderr"),
         }
         self._killed_before = containment().killed  # the process may have served before
+
+    def weak_token(self, token: str, credential: str) -> str:
+        """Why a token that matched an identity may not be used ("" when it may): tokens in a
+        policy file are hashes, so their strength is judged at their first login."""
+        if self.allow_weak_tokens:
+            return ""
+        problem = self.weak.get(credential)
+        if problem is None:
+            if len(self.weak) >= _JUDGED_TOKENS:
+                self.weak.clear()
+            problem = self.weak[credential] = weak_token_problem(token) or ""
+        return problem
 
     def count_kills(self) -> None:
         """cmdexec_processes_killed_total: the sweeps' kills since this service started."""
@@ -314,9 +386,10 @@ class Connection:
             await self._auth_failed("protocol")
             raise Unauthorized(f"AUTH frame over limit_auth_bytes ({exc.size} bytes)") from None
         self.activity += 1
-        if not svc.guard.allows(self.source):  # the frame is read, its token not looked at
-            await self._auth_failed("rate_limited")
-            raise Unauthorized("too many failed logins from this address; retry later")
+        refusal = svc.guard.refusal(self.source)
+        if refusal is not None:  # the frame is read, its token not looked at
+            await self._auth_failed("rate_limited", refusal)
+            raise Unauthorized(refusal)
         try:
             kind, body = decode_client(frame)
         except BadMessage as exc:
@@ -327,8 +400,10 @@ class Connection:
             raise Unauthorized(f"AUTH expected, got {kind.name}")
         identity, method, credential, problem = self._identify(body.token)
         if identity is None:
-            await self._auth_failed("token", problem)
-            raise Unauthorized(problem)
+            raise Unauthorized(await self._auth_failed("token", problem))
+        if method == "token" and (weak := svc.weak_token(body.token, credential)):
+            weak += "; the operator must replace it (this server refuses weak tokens)"
+            raise Unauthorized(await self._auth_failed("weak_token", weak, identity.name))
         try:
             identity.check_source(self.address)
         except Forbidden as exc:
@@ -370,15 +445,22 @@ class Connection:
 
     async def _auth_failed(
         self, reason: str, detail: str | None = None, identity: str | None = None
-    ) -> None:
+    ) -> str:
+        """Count, audit and answer (after the guard's delay) a failed AUTH; return the reason
+        to give the client (under attack, it says why the answer was slow)."""
         svc = self.svc
+        guard = svc.guard
         svc.metrics.auth_failures.labels(reason).inc()
-        if reason != "rate_limited":
-            svc.guard.failed(self.source)
+        detail = detail or reason
+        delay = guard.delay_s if reason == "rate_limited" else guard.failed(self.source)
+        if guard.under_attack and reason != "rate_limited":
+            detail += (f" (the service is under a login attack: failed logins are answered "
+                       f"after {delay:g} s)")  # fmt: skip
         audit.warning("auth", extra={"event": "auth", "identity": identity, "source": self.peer,
                                      "method": None, "decision": "denied",
-                                     "reason": detail or reason})  # fmt: skip
-        await asyncio.sleep(svc.guard.delay_s)
+                                     "reason": detail})  # fmt: skip
+        await asyncio.sleep(delay)
+        return detail
 
     async def _read(self) -> None:
         """Frames -> messages on the inbox, until the end of the stream or a protocol error

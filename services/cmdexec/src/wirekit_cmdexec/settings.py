@@ -140,10 +140,28 @@ class CmdexecSettings(TcpServiceSettings):
         "attempts are refused without looking at the token.",
     )  # fmt: skip
     auth_failure_burst: int = Field(
-        100, ge=1, description="Failed logins from all sources together before all are limited."
-    )
+        100, ge=1,
+        description="Failed logins from all sources together before the service is under "
+        "attack: failures are then answered after auth_failure_delay_attack_s (nobody is "
+        "refused for it: sources within their own budget still get in).",
+    )  # fmt: skip
     auth_failure_rate: float = Field(
-        2.0, gt=0, description="Failed logins per second regained by all sources together."
+        2.0, gt=0,
+        description="Failed logins per second regained by all sources together; the attack "
+        "is over once the whole burst is regained.",
+    )  # fmt: skip
+    auth_failure_delay_attack_s: float = Field(
+        5.0, ge=0, description="Wait before answering a failed AUTH while under attack."
+    )
+    limit_auth_sources: int = Field(
+        10_000, ge=1,
+        description="Sources whose failed logins are remembered; the least recently failed "
+        "is forgotten first (bounded memory under a spray from many addresses).",
+    )  # fmt: skip
+    allow_weak_tokens: bool = Field(
+        False,
+        description="Accept tokens under 128 bits of estimated entropy (refused by default, at "
+        "start and at login: wirekit-cmdexec token new makes strong ones).",
     )
     allow_root: bool = Field(
         False,

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .metrics import ConnectionMetrics, MetricsServer
+from .reload import RELOAD_SIGNAL, release, restore
 from .settings import ServiceSettings, TcpServiceSettings
 from .workers import announce
 from .workers import current as current_worker
@@ -48,6 +49,7 @@ __all__ = [
     "ConnectionLimits",
     "DatagramListener",
     "Listener",
+    "Reload",
     "drain",
     "event_loop_factory",
     "reset",
@@ -396,7 +398,25 @@ def event_loop_factory(choice: str) -> tuple[Callable[[], asyncio.AbstractEventL
     return None, "asyncio"
 
 
-Part = Listener | DatagramListener | Background
+@dataclass(frozen=True)
+class Reload:
+    """What a service that reloads does on SIGHUP. Installed before the listeners are bound; a
+    SIGHUP that came earlier (held from the process's start, see :mod:`.reload`) is taken
+    then, so the service is ready with the newest configuration."""
+
+    callback: Callable[[], object]
+
+
+Part = Listener | DatagramListener | Background | Reload
+
+
+def _install(loop: asyncio.AbstractEventLoop, signum: int, callback: Callable[[], object]) -> bool:
+    """``callback`` on ``signum``; False where signals cannot be handled (not the main thread)."""
+    try:
+        loop.add_signal_handler(signum, callback)
+    except (RuntimeError, ValueError):
+        return False
+    return True
 
 
 async def run(
@@ -423,6 +443,10 @@ async def run(
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    on_reload = next((p.callback for p in listeners if isinstance(p, Reload)), None)
+    reload_held = RELOAD_SIGNAL in signal.pthread_sigmask(signal.SIG_BLOCK, ())
+    if on_reload is not None and _install(loop, RELOAD_SIGNAL, on_reload) and release():
+        on_reload()  # a SIGHUP came while the service started
 
     servers: list[asyncio.Server] = []
     endpoints: list[asyncio.BaseTransport] = []
@@ -436,7 +460,7 @@ async def run(
     try:
         bound: dict[str, int] = {}
         for lst in listeners:
-            if isinstance(lst, Background):
+            if isinstance(lst, Background | Reload):
                 continue
             port = worker.ports.get(lst.name, lst.port) if worker is not None else lst.port
             if isinstance(lst, DatagramListener):
@@ -490,8 +514,9 @@ async def run(
         await asyncio.gather(*tasks, return_exceptions=True)
         for hub in hubs:
             await hub.aclose()
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, RELOAD_SIGNAL):
             loop.remove_signal_handler(signum)
+        restore(reload_held)
         metrics.stop()
         if cleanup is not None:
             result = cleanup()

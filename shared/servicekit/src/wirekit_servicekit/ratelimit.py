@@ -20,9 +20,17 @@ class TokenBucket:
         self.stamp = now
         self.limited = False  # the last take() was refused
 
+    def level(self, now: float) -> float:
+        """The tokens it holds at ``now`` (nothing is taken)."""
+        return min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+
     def ready(self, now: float) -> bool:
         """Whether a ``take()`` now would succeed (nothing is taken)."""
-        return min(self.burst, self.tokens + (now - self.stamp) * self.rate) >= 1.0
+        return self.level(now) >= 1.0
+
+    def wait_s(self, now: float) -> float:
+        """Seconds until a ``take()`` would succeed (0 when it would now)."""
+        return max(0.0, 1.0 - self.level(now)) / self.rate
 
     def take(self, now: float) -> bool:
         tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
@@ -72,3 +80,8 @@ class SourceLimiter:
         """Whether ``source`` has a token now (nothing is taken; unknown sources have one)."""
         bucket = self._table.get(source)
         return bucket is None or bucket.ready(now)
+
+    def wait_s(self, source: str, now: float) -> float:
+        """Seconds until ``source`` has a token again (0 when it has one now)."""
+        bucket = self._table.get(source)
+        return 0.0 if bucket is None else bucket.wait_s(now)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Self, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, Self, TypeVar, get_args
 
-from pydantic import Field, ValidationError
+from pydantic import Field, SecretBytes, SecretStr, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -152,15 +152,67 @@ class ServiceSettings(BaseSettings):
         try:
             return cls(_cli_parse_args=args)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
-                f" (got {err.get('input')!r})"
-                for err in exc.errors()
-            )
-            raise SettingsLoadError(f"invalid settings: {problems}") from None
+            raise SettingsLoadError(cls._describe(exc)) from None
         except SettingsError as exc:
             cause = f": {exc.__cause__}" if exc.__cause__ is not None else ""
             raise SettingsLoadError(f"invalid settings: {exc}{cause}") from None
+
+    @classmethod
+    def secret_fields(cls) -> frozenset[str]:
+        """The fields typed as secrets (``SecretStr``, ``SecretBytes``, optional or not)."""
+        return frozenset(
+            name for name, info in cls.model_fields.items() if _is_secret(info.annotation)
+        )
+
+    @classmethod
+    def _describe(cls, exc: ValidationError) -> str:
+        """One line for the operator: each problem with the value given, except a secret's.
+
+        The value of a secret field is never shown, nor any error's input that holds one (a
+        model-level check's input is every value at once), and any secret value found in those
+        inputs is masked wherever else it appears in the line."""
+        secret = cls.secret_fields()
+        values: set[str] = set()
+        problems = []
+        for err in exc.errors():
+            field_name = str(err["loc"][0]) if err["loc"] else ""
+            given = err.get("input")
+            text = f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
+            if not err["loc"]:  # a model-level check: its input is every value at once
+                if isinstance(given, dict):
+                    values.update(_secret_text(given.get(name)) for name in secret)
+            elif field_name in secret:
+                values.add(_secret_text(given))
+            else:
+                text += f" (got {given!r})"
+            problems.append(text)
+        line = "invalid settings: " + "; ".join(problems)
+        for value in sorted(values, key=len, reverse=True):
+            if len(value) >= _MASK_MIN:
+                line = line.replace(value, _MASK)
+        return line
+
+
+#: What stands for a secret's value in messages (pydantic's own mask).
+_MASK = "**********"
+#: Shorter values are not masked inside other words (a secret "t" would mask every t): they
+#: cannot be told apart from the message's own text, nor kept secret by any message.
+_MASK_MIN = 6
+
+
+def _is_secret(annotation: Any) -> bool:
+    if isinstance(annotation, type) and issubclass(annotation, (SecretStr, SecretBytes)):
+        return True
+    return any(_is_secret(arg) for arg in get_args(annotation))
+
+
+def _secret_text(value: object) -> str:
+    """A secret's value as it could appear in a message ("" when there is none to mask)."""
+    if isinstance(value, SecretStr | SecretBytes):
+        value = value.get_secret_value()
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    return value if isinstance(value, str) else ""
 
 
 class TcpServiceSettings(ServiceSettings):

@@ -52,6 +52,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from .metrics import MetricsServer
+from .reload import held, hold, release
 from .settings import ServiceSettings
 
 __all__ = ["Worker", "announce", "cpu_count", "current", "enter_worker", "supervise",
@@ -276,7 +277,11 @@ async def supervise(
                     slot.proc.send_signal(signal.SIGHUP)
 
     if type(settings).reloads_on_sighup:
+        # Held since the process started (see .reload): workers not started yet read the
+        # newest configuration anyway; the ones started are told.
         loop.add_signal_handler(signal.SIGHUP, on_reload)
+        if release():
+            on_reload()
 
     async def start(slot: _Slot) -> bool:
         """Start the slot's worker and wait until it serves; False if it did not."""
@@ -286,10 +291,13 @@ async def supervise(
         try:
             # Its own process group: a terminal's Ctrl-C reaches the supervisor only, which
             # forwards it once (twice would force-close the workers' connections).
-            slot.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", module, env=env, pass_fds=(settings_r, ready_w),
-                process_group=0,
-            )  # fmt: skip
+            # SIGHUP blocked from its first instruction until it has its handler (a reload
+            # forwarded while it starts waits for it; see .reload).
+            with held() if type(settings).reloads_on_sighup else contextlib.nullcontext():
+                slot.proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", module, env=env, pass_fds=(settings_r, ready_w),
+                    process_group=0,
+                )  # fmt: skip
         except OSError:
             os.close(settings_w)
             os.close(ready_r)
@@ -389,5 +397,7 @@ async def supervise(
         await asyncio.gather(*tasks, return_exceptions=True)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
+        if type(settings).reloads_on_sighup:
+            hold()  # a late SIGHUP waits, harmless, while the supervisor exits
         metrics.stop()
     return 0 if all(s.returncode == 0 for s in slots) else 1
