@@ -63,8 +63,9 @@ def test_weak_tokens_do_not(token: str) -> None:
 
 
 def _token_command(*args: str, stdin: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "wirekit_cmdexec", "token", *args],
-                          input=stdin, capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    argv = [sys.executable, "-m", "wirekit_cmdexec", "token", *args]
+    return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=60,
+                          check=False)  # fmt: skip
 
 
 def test_token_hash_refuses_a_weak_token_unless_told() -> None:

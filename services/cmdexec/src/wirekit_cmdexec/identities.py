@@ -127,8 +127,10 @@ def token_bits(token: str) -> float:
     chars = set(token)
     per_char = math.log2(next((n for n, alphabet in _ALPHABETS if chars <= alphabet), 95))
     judged = token[:_ZXCVBN_MAX]
-    patterns = [m for m in zxcvbn.zxcvbn(judged)["sequence"]
-                if m["pattern"] != "bruteforce" and len(m["token"]) >= PATTERN_MIN_CHARS]  # fmt: skip
+    patterns = [
+        m for m in zxcvbn.zxcvbn(judged)["sequence"]
+        if m["pattern"] != "bruteforce" and len(m["token"]) >= PATTERN_MIN_CHARS
+    ]  # fmt: skip
     in_patterns = sum(len(m["token"]) for m in patterns)
     if in_patterns <= HUMAN_SHARE * len(judged):
         return len(token) * per_char
