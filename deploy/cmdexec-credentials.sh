@@ -17,7 +17,7 @@ if [ ! -s "$policy_file" ]; then
   mkdir -p "$(dirname "$policy_file")"
   hash=$(python3 -c 'import hashlib, sys; t = open(sys.argv[1]).read().strip(); print("sha256:" + hashlib.sha256(t.encode()).hexdigest())' "$token_file")
   cat >"$policy_file" <<POLICY
-# cmdexec identities (README: "Identities, the policy file, reload and audit").
+# cmdexec identities (docs/cmdexec.md: "Identities, the policy file, reload and audit").
 # Made by deploy/cmdexec-credentials.sh for the token in $(basename "$token_file").
 version: 1
 identities:

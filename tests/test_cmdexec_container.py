@@ -29,7 +29,7 @@ from wirekit_testkit import (
 )
 
 from wirekit_cmdexec.client import CmdexecClient, RemoteError
-from wirekit_cmdexec.identities import hash_token
+from wirekit_cmdexec.tokens import hash_token
 
 Start = Callable[[DockerContainer], DockerContainer]
 TOKEN = "integration-axtimtundzq7zFSOzr4QaPeRPanIymR1"

@@ -33,7 +33,7 @@ import pytest
 from wirekit_testkit import http_get, wait_until
 
 from wirekit_cmdexec.client import CmdexecClient, RemoteError
-from wirekit_cmdexec.identities import hash_token
+from wirekit_cmdexec.tokens import hash_token
 
 SCRIPT = str(Path(sys.executable).parent / "wirekit-cmdexec")
 ROUNDS = {1: 8, 2: 5}  # by --workers

@@ -30,7 +30,7 @@ from docker.errors import APIError, NotFound
 from docker.models.containers import Container
 from wirekit_testkit import wait_until
 
-from wirekit_cmdexec.identities import hash_token
+from wirekit_cmdexec.tokens import hash_token
 
 REPLICAS = 3
 PROBE = "/probe/stack_probe.py"

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterator
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from wirekit_testkit import (
     CMDEXEC_TOKEN,
     ServiceProcess,
@@ -27,7 +28,8 @@ from wirekit_testkit import (
 from wirekit_cmdexec.client import CmdexecClient
 from wirekit_cmdexec.settings import CmdexecSettings
 from wirekit_framing import encode, recv_frame
-from wirekit_servicekit.workers import cpu_count, worker_settings
+from wirekit_servicekit.settings import cpu_count
+from wirekit_servicekit.worker import worker_settings
 from wirekit_udp.settings import UdpSettings
 
 ECHO_PORTS = ("--raw-port", "0", "--framed-port", "0", "--metrics-port", "0")
@@ -218,10 +220,12 @@ def test_cmdexec_workers_get_the_token_and_a_share_of_the_limits() -> None:
 
 
 def test_per_instance_limits_are_divided_among_the_workers() -> None:
-    cx = worker_settings(CmdexecSettings(limit_runs=8, auth_failure_rate=2.0, token="t" * 32), 3)
+    base = CmdexecSettings(limit_runs=8, auth_failure_rate=2.0, token="t" * 32, workers=3)
+    cx = worker_settings(base, 3)
     assert isinstance(cx, CmdexecSettings)
     assert (cx.limit_runs, cx.auth_failure_rate, cx.limit_connections) == (2, 2.0 / 3, 341)
-    assert (cx.workers, cx.metrics_host, cx.metrics_port) == (1, "127.0.0.1", 0)
+    # A worker's settings still say how many workers there are (its place is its Worker).
+    assert (cx.workers, cx.metrics_host, cx.metrics_port) == (3, "127.0.0.1", 0)
     assert cx.token is not None
     assert cx.token.get_secret_value() == "t" * 32
     udp = worker_settings(UdpSettings(burst_per_source=1, rate_global=10.0), 2)
@@ -234,3 +238,43 @@ def test_workers_setting_takes_a_number_or_auto(value: str) -> None:
     settings = UdpSettings.load(["--workers", value])
     assert settings.worker_count == (cpu_count() if value == "auto" else 3)
     assert 1 <= cpu_count() <= len(os.sched_getaffinity(0))
+
+
+def _samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """A family's samples in a text exposition, by their labels."""
+    families = text_string_to_metric_families(text)
+    return {tuple(sorted(s.labels.items())): s.value
+            for f in families for s in f.samples if s.name == name}  # fmt: skip
+
+
+def test_gauges_add_up_by_their_declared_mode() -> None:
+    """Each udp worker's socket has its own buffer of the same size: the instance shows that
+    size (mode max), not the sum of the workers' (as it did). The per-worker view is there."""
+    with service_process("wirekit_udp", "--port", "0", "--metrics-port", "0",
+                         "--workers", "2") as proc:  # fmt: skip
+        status, text = http_get(proc.url("/metrics"))
+        assert status == 200
+        instance = _samples(text, "udp_socket_receive_buffer_bytes")
+        own = []
+        for index in (0, 1):
+            status, worker_text = http_get(proc.url(f"/workers/{index}/metrics"))
+            assert status == 200
+            own.append(_samples(worker_text, "udp_socket_receive_buffer_bytes")[()])
+        assert own[0] == own[1] > 0  # each socket's SO_RCVBUF, as the kernel reports it
+        assert instance == {(): own[0]}
+        assert http_get(proc.url("/workers/2/metrics"))[0] == 404
+        # Counters still add up: the connections gauge and datagram counters are sums.
+        assert proc.value("udp_workers", state="up") == 2
+        assert stop(proc) == 0
+
+
+def test_an_info_metric_is_one_with_any_number_of_workers() -> None:
+    env = {"WIREKIT_CMDEXEC_TOKEN": CMDEXEC_TOKEN, "WIREKIT_CMDEXEC_ALLOW_ROOT": "true"}
+    args = ("--port", "0", "--metrics-port", "0", "--workers", "2")
+    with service_process("wirekit_cmdexec", *args, env=env) as proc:
+        status, text = http_get(proc.url("/metrics"))
+        assert status == 200
+        info = _samples(text, "cmdexec_config_info")
+        assert list(info.values()) == [1.0], info  # one series, 1 (it was 2.0: summed)
+        assert proc.value("cmdexec_runs_active") == 0
+        assert stop(proc) == 0

@@ -15,16 +15,16 @@ from typing import Any
 
 from wirekit_testkit import CMDEXEC_TOKEN
 
-from wirekit_cmdexec.__main__ import serve as serve_cmdexec
+from wirekit_cmdexec.__main__ import SERVICE as CMDEXEC
 from wirekit_cmdexec.client import CmdexecClient
 from wirekit_cmdexec.messages import Exit
 from wirekit_cmdexec.settings import CmdexecSettings
 
 # -- echo --------------------------------------------------------------------------------------
-from wirekit_echo.__main__ import serve as serve_echo
+from wirekit_echo.__main__ import SERVICE as ECHO
 from wirekit_echo.settings import EchoSettings
 from wirekit_servicekit.testing import RunningService, running_service
-from wirekit_udp.__main__ import serve as serve_udp
+from wirekit_udp.__main__ import SERVICE as UDP
 from wirekit_udp.settings import UdpSettings
 
 
@@ -37,7 +37,7 @@ class EchoHarness(RunningService[EchoSettings]):
 async def running_echo(**overrides: Any) -> AsyncIterator[EchoHarness]:
     values: dict[str, Any] = {"raw_port": 0, "framed_port": 0, "metrics_port": 0,
                               "timeout_drain_s": 2.0, **overrides}  # fmt: skip
-    async with running_service(serve_echo, EchoSettings(**values), EchoHarness) as service:
+    async with running_service(ECHO, EchoSettings(**values), EchoHarness) as service:
         yield service
 
 
@@ -98,7 +98,7 @@ async def running_cmdexec(
         **overrides,
     }
     settings = CmdexecSettings(**values)
-    async with running_service(serve_cmdexec, settings, CmdexecHarness, expected_errors) as service:
+    async with running_service(CMDEXEC, settings, CmdexecHarness, expected_errors) as service:
         yield service
 
 
@@ -114,7 +114,7 @@ class UdpHarness(RunningService[UdpSettings]):
 @contextlib.asynccontextmanager
 async def running_udp(**overrides: Any) -> AsyncIterator[UdpHarness]:
     settings = UdpSettings(**{"port": 0, "metrics_port": 0, **overrides})
-    async with running_service(serve_udp, settings, UdpHarness) as service:
+    async with running_service(UDP, settings, UdpHarness) as service:
         yield service
 
 

@@ -24,7 +24,8 @@ from wirekit_harness import CmdexecHarness, StartCmdexec
 from wirekit_testkit import make_test_pki, service_process
 
 from wirekit_cmdexec.client import CmdexecClient, RemoteError
-from wirekit_cmdexec.identities import PolicyFileError, hash_token, parse_policy
+from wirekit_cmdexec.identities import PolicyFileError, parse_policy
+from wirekit_cmdexec.tokens import hash_token
 from wirekit_servicekit.testing import until
 
 ALICE, ALICE_NEXT, BOB, CAROL = (
@@ -84,6 +85,9 @@ def running(start: StartCmdexec, path: str, **kw: Any) -> Any:
                      id="identity-name"),
         pytest.param("version: 1\nidentities:\n  a:\n    shell: yes\n", 4,
                      "identities.a.shell: Input should be a valid boolean", id="yes-is-no-bool"),
+        pytest.param("version: 1\nidentities:\n  a:\n    allow_shell: yes\n", 4,
+                     "identities.a.allow_shell: Input should be a valid boolean",
+                     id="yes-is-no-bool-setting-name"),
     ],
 )  # fmt: skip
 def test_a_bad_policy_file_is_refused_naming_the_line(text: str, line: int, needle: str) -> None:
@@ -215,10 +219,12 @@ async def test_an_identity_has_its_own_run_limit(
         assert await first == 0
 
 
+@pytest.mark.parametrize("env_key", ["child_env", "env"])  # the setting's name; the first one
 async def test_an_identity_has_its_own_limits_workdir_and_environment(
-    start_cmdexec: StartCmdexec, tmp_path: Path
+    start_cmdexec: StartCmdexec, tmp_path: Path, env_key: str
 ) -> None:
-    """timeout_run_s, limit_output_bytes, workdir and env of the identity, not the server's."""
+    """timeout_run_s, limit_output_bytes, workdir and child_env of the identity, not the
+    server's."""
     (tmp_path / "work").mkdir()
     path = policy(tmp_path, f"""\
         version: 1
@@ -229,7 +235,7 @@ async def test_an_identity_has_its_own_limits_workdir_and_environment(
             timeout_run_s: 0.5
             limit_output_bytes: 1000
             workdir: {tmp_path / "work"}
-            env: {{STAGE: test}}
+            {env_key}: {{STAGE: test}}
         """)  # fmt: skip
     async with running(start_cmdexec, path, timeout_run_s=30) as h:
 

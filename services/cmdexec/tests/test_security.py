@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import struct
 import time
 from pathlib import Path
@@ -17,10 +18,12 @@ from wirekit_testkit import CMDEXEC_TOKEN
 
 from wirekit_cmdexec.__main__ import build_context
 from wirekit_cmdexec.client import RemoteError
-from wirekit_cmdexec.identities import hash_token
 from wirekit_cmdexec.messages import Auth, Exec, Kind, decode, encode_json
 from wirekit_cmdexec.settings import DEFAULT_ALLOW, CmdexecSettings
+from wirekit_cmdexec.tokens import hash_token
 from wirekit_framing import encode, recv_frame
+from wirekit_servicekit import Runtime
+from wirekit_servicekit.worker import SOLO
 
 TOKEN = CMDEXEC_TOKEN
 MARKER = Path("/tmp/wirekit-cmdexec-marker")
@@ -186,7 +189,9 @@ def test_the_server_keeps_only_token_hashes_and_looks_them_up_by_hash() -> None:
     digests) depends on a digest the client cannot steer, not on how much of the token it got
     right. The identities hold the token's hash, never the token."""
     settings = CmdexecSettings(token="right", metrics_port=0)
-    svc = build_context(settings, CollectorRegistry(), TracerProvider())
+    runtime = Runtime(settings, CollectorRegistry(), TracerProvider().get_tracer("t"),
+                      logging.getLogger("t"), SOLO)  # fmt: skip
+    svc = build_context(runtime)
     found = svc.identities.by_token("right")
     assert found is not None
     assert found.name == "default"

@@ -14,7 +14,7 @@ import pytest
 from wirekit_harness import StartCmdexec
 
 from wirekit_cmdexec.client import CmdexecClient, RemoteError
-from wirekit_cmdexec.identities import MIN_TOKEN_BITS, hash_token, new_token, token_bits
+from wirekit_cmdexec.tokens import MIN_TOKEN_BITS, hash_token, new_token, token_bits
 
 STRONG = [
     pytest.param(new_token(), id="token-new"),

@@ -3,33 +3,22 @@ gauge of active things above 0 (every service test relies on that check)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any
 
 import pytest
-from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry, Gauge
 
-from wirekit_servicekit import ServiceSettings
+from wirekit_servicekit import Part, Runtime, Service, ServiceSettings
 from wirekit_servicekit.testing import RunningService, running_service
 
 
-def _serve(misbehave: Callable[[CollectorRegistry], None]) -> Any:
-    async def serve(
-        settings: ServiceSettings,
-        registry: CollectorRegistry,
-        provider: TracerProvider,
-        on_ready: Callable[[dict[str, int]], None],
-        stop: asyncio.Event,
-    ) -> int:
-        on_ready({})
-        misbehave(registry)
-        await stop.wait()
-        return 0
+def _service(misbehave: Callable[[CollectorRegistry], None]) -> Service[ServiceSettings]:
+    def build(runtime: Runtime[ServiceSettings]) -> list[Part]:
+        misbehave(runtime.registry)
+        return []
 
-    return serve
+    return Service("wirekit-demo", "0", ServiceSettings, build)
 
 
 def _error(_: CollectorRegistry) -> None:
@@ -52,7 +41,7 @@ def _fine(_: CollectorRegistry) -> None:
 async def test_the_harness_fails_an_unclean_run(
     misbehave: Callable[[CollectorRegistry], None], complaint: str | None
 ) -> None:
-    run = running_service(_serve(misbehave), ServiceSettings(), RunningService)
+    run = running_service(_service(misbehave), ServiceSettings(metrics_port=0), RunningService)
     if complaint is None:
         async with run:
             pass

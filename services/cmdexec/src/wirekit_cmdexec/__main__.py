@@ -4,52 +4,42 @@ from __future__ import annotations
 
 from wirekit_servicekit.reload import hold
 
-# Before the slow imports below (pydantic, OpenTelemetry: most of a second): a SIGHUP from now
-# on waits for the reload handler instead of ending the process (see wirekit_servicekit.reload).
-hold()
+if __name__ == "__main__":  # python -m wirekit_cmdexec (the console script: wirekit_cmdexec.main)
+    # Before the slow imports below (pydantic, OpenTelemetry: most of a second): a SIGHUP from
+    # now on waits for the reload handler instead of ending the process (see
+    # wirekit_servicekit.reload). Not when imported (tests): their children would inherit it.
+    hold()
 
 import asyncio
-import hashlib
 import logging
-import logging.handlers
 import os
 import ssl
 import sys
-from collections.abc import Callable, Sequence
-from pathlib import Path
-
-from opentelemetry.sdk.trace import TracerProvider
-from prometheus_client import CollectorRegistry
+from collections.abc import Sequence
 
 from wirekit_servicekit import (
     Background,
     ConnectionHub,
     ConnectionLimits,
     Listener,
+    Part,
     Reload,
-    serve_service,
-    service_main,
+    Runtime,
+    Service,
 )
-from wirekit_servicekit.lifecycle import Part
-from wirekit_servicekit.logs import TraceContextFilter, json_formatter
 from wirekit_servicekit.ratelimit import SourceLimiter, TokenBucket
-from wirekit_servicekit.workers import current
 
-from . import __version__
+from . import __version__, audit
+from .auth import AuthGuard
+from .config import load_identities, reload, server_tls
 from .containment import SWEEP_S, containment, make_undumpable
-from .identities import (
-    Defaults,
-    Identities,
-    PolicyFileError,
-    hash_token,
-    load_policy_file,
-    new_token,
-    prepare_token_judge,
-    weak_token_problem,
-)
-from .protocol import AuthGuard, CmdexecContext, CmdexecMetrics, audit, handler
+from .context import CmdexecContext
+from .identities import PolicyFileError, load_policy_file
+from .metrics import CmdexecMetrics
+from .protocol import handler
 from .runner import Spawner
 from .settings import CmdexecSettings
+from .tokens import hash_token, new_token, prepare_token_judge, weak_token_problem
 
 NAME = "wirekit-cmdexec"
 log = logging.getLogger("wirekit_cmdexec")
@@ -57,97 +47,23 @@ log = logging.getLogger("wirekit_cmdexec")
 _READ_LIMIT = 64 * 1024
 
 
-def server_tls(settings: CmdexecSettings) -> tuple[ssl.SSLContext | None, str]:
-    """The TLS context from the files as they are now, and the SHA-256 of their bytes."""
-    if not settings.tls_cert_file:
-        return None, ""
-    files = [settings.tls_cert_file, settings.tls_key_file or "", settings.tls_client_ca_file or ""]
-    digest = hashlib.sha256(b"".join(Path(f).read_bytes() if f else b"" for f in files))
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
-    if settings.tls_client_ca_file:
-        ctx.verify_mode = ssl.CERT_REQUIRED  # mutual TLS
-        ctx.load_verify_locations(settings.tls_client_ca_file)
-    return ctx, digest.hexdigest()
+def _token(settings: CmdexecSettings) -> str:
+    """The ``default`` identity's token without a policy file: the setting, or one generated
+    for this run and logged once (as Jupyter does)."""
+    if settings.token is not None and settings.token.get_secret_value():
+        token = settings.token.get_secret_value()
+        if settings.allow_weak_tokens and weak_token_problem(token):
+            log.warning("the token is weak: accepted because allow_weak_tokens is set")
+        return token
+    token = new_token()
+    log.warning("no token configured: generated one for this run (set WIREKIT_CMDEXEC_TOKEN, "
+                "a secret, or a policy file to keep it)", extra={"token": token})  # fmt: skip
+    return token
 
 
-def defaults(settings: CmdexecSettings) -> Defaults:
-    return Defaults(
-        allow=settings.allow, arg_patterns=settings.arg_patterns,
-        allow_shell=settings.allow_shell, child_path=settings.child_path,
-        child_env=settings.child_env, workdir=settings.workdir,
-        timeout_s=settings.timeout_run_s, output_bytes=settings.limit_output_bytes,
-        output_action=settings.limit_output_action, limit_runs=settings.limit_runs,
-    )  # fmt: skip
-
-
-def load_identities(settings: CmdexecSettings, token: str) -> Identities:
-    """From the policy file when there is one (PolicyFileError if it is unusable), else the
-    token as identity ``default``."""
-    if settings.policy_file:
-        policy, sha256 = load_policy_file(settings.policy_file)
-        worker = current()
-        return Identities.from_file(policy, sha256, defaults(settings),
-                                    worker.count if worker else 1)  # fmt: skip
-    return Identities.single(token, defaults(settings))
-
-
-def configure_audit_log(settings: CmdexecSettings) -> None:
-    """Audit events on their own logger: to ``audit_file`` (JSON lines, reopened when logrotate
-    moves it) or to stderr, never through the operational log's handler."""
-    handler: logging.Handler
-    if settings.audit_file:
-        handler = logging.handlers.WatchedFileHandler(settings.audit_file, encoding="utf-8")
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-    worker = current()
-    handler.setFormatter(json_formatter(NAME, worker.index if worker else None))
-    handler.addFilter(TraceContextFilter())
-    for old in list(audit.handlers):
-        audit.removeHandler(old)
-        old.close()
-    audit.addHandler(handler)
-    audit.setLevel(logging.INFO)
-    audit.propagate = False
-
-
-def reload(svc: CmdexecContext, settings: CmdexecSettings) -> bool:
-    """SIGHUP: the policy file and the TLS files again. Either all of it is taken or, on any
-    error, none of it: the configuration in force stays, one error is logged."""
-    try:
-        identities = load_identities(settings, "") if settings.policy_file else svc.identities
-        tls, tls_sha256 = server_tls(settings)
-    except (PolicyFileError, OSError, ssl.SSLError) as exc:
-        svc.metrics.reloads.labels("error").inc()
-        log.error("configuration reload failed: the configuration in force is kept",
-                  extra={"error": str(exc)})  # fmt: skip
-        return False
-    svc.identities, svc.tls = identities, tls
-    svc.metrics.known(identities, tls_sha256)
-    svc.metrics.reloads.labels("ok").inc()
-    log.info("configuration reloaded", extra={
-        "identities": sorted(identities.by_name), "policy_sha256": identities.sha256,
-        "tls_sha256": tls_sha256})  # fmt: skip
-    return True
-
-
-def build_context(
-    settings: CmdexecSettings, registry: CollectorRegistry, provider: TracerProvider
-) -> CmdexecContext:
-    token = ""
-    if not settings.policy_file:
-        if settings.token is not None and settings.token.get_secret_value():
-            token = settings.token.get_secret_value()
-            if settings.allow_weak_tokens and weak_token_problem(token):
-                log.warning("the token is weak: accepted because allow_weak_tokens is set")
-        else:
-            token = new_token()
-            log.warning(
-                "no token configured: generated one for this run (set WIREKIT_CMDEXEC_TOKEN, "
-                "a secret, or a policy file to keep it)",
-                extra={"token": token},
-            )
+def build_context(runtime: Runtime[CmdexecSettings]) -> CmdexecContext:
+    settings = runtime.settings
+    token = "" if settings.policy_file else _token(settings)
     guard = AuthGuard(
         per_source=SourceLimiter(
             settings.auth_failure_rate_per_source,
@@ -158,13 +74,15 @@ def build_context(
         delay_s=settings.auth_failure_delay_s,
         delay_attack_s=settings.auth_failure_delay_attack_s,
     )
-    metrics = CmdexecMetrics(registry, guard)
+    per_source = guard.per_source
+    metrics = CmdexecMetrics(runtime.registry, guard.attacked_now,
+                             per_source.__len__, lambda: per_source.limited)  # fmt: skip
     if settings.policy_file and not settings.allow_weak_tokens:
         prepare_token_judge()  # tokens are judged at their first login: not in the loop's time
     rlimits = {"nproc": settings.rlimit_nproc, "cpu": settings.rlimit_cpu_s,
                "as": settings.rlimit_as_bytes}  # fmt: skip
     spawner = Spawner({k: v for k, v in rlimits.items() if v is not None}, settings.rlimit_wrapper)
-    identities = load_identities(settings, token)
+    identities = load_identities(settings, token, runtime.worker.share)
     tls, tls_sha256 = server_tls(settings)
     metrics.known(identities, tls_sha256)
     box = containment()
@@ -176,21 +94,13 @@ def build_context(
                else "process group only (not a subreaper: escaped processes survive)"},
     )  # fmt: skip
     return CmdexecContext(
-        identities=identities,
-        tls=tls,
-        spawner=spawner,
-        guard=guard,
-        max_frame_size=settings.max_frame_size,
-        limit_auth_bytes=settings.limit_auth_bytes,
-        limit_exec_bytes=settings.limit_exec_bytes,
-        limit_runs=settings.limit_runs,
-        timeout_auth_s=settings.timeout_auth_s,
-        timeout_write_s=settings.timeout_write_s,
-        allow_weak_tokens=settings.allow_weak_tokens,
-        metrics=metrics,
-        tracer=provider.get_tracer("wirekit_cmdexec", __version__),
+        identities=identities, tls=tls, spawner=spawner, guard=guard,
+        max_frame_size=settings.max_frame_size, limit_auth_bytes=settings.limit_auth_bytes,
+        limit_exec_bytes=settings.limit_exec_bytes, limit_runs=settings.limit_runs,
+        timeout_auth_s=settings.timeout_auth_s, timeout_write_s=settings.timeout_write_s,
+        allow_weak_tokens=settings.allow_weak_tokens, metrics=metrics, tracer=runtime.tracer,
         hub=ConnectionHub(ConnectionLimits.from_settings(settings), metrics.connections),
-    )
+    )  # fmt: skip
 
 
 def use_pidfd_child_watcher() -> None:
@@ -208,40 +118,32 @@ def use_pidfd_child_watcher() -> None:
     asyncio.set_child_watcher(watcher)
 
 
-async def serve(
-    settings: CmdexecSettings,
-    registry: CollectorRegistry | None = None,
-    provider: TracerProvider | None = None,
-    on_ready: Callable[[dict[str, int]], None] | None = None,
-    stop: asyncio.Event | None = None,
-) -> int:
+def build(runtime: Runtime[CmdexecSettings]) -> list[Part]:
+    """The listener (TLS, when on, is started by each connection with the context in force
+    then), the sweep of escaped processes, and the reload on SIGHUP."""
     use_pidfd_child_watcher()
+    settings = runtime.settings
+    svc = build_context(runtime)
+    callback = handler(svc)
+    worker = runtime.worker
+    audit.configure(settings.audit_file, NAME, worker.index if worker.count > 1 else None)
 
-    def build(registry: CollectorRegistry, provider: TracerProvider) -> list[Part]:
-        svc = build_context(settings, registry, provider)
-        callback = handler(svc)
-        configure_audit_log(settings)
+    def factory() -> asyncio.StreamReaderProtocol:
+        return asyncio.StreamReaderProtocol(asyncio.StreamReader(_READ_LIMIT), callback)
 
-        def factory() -> asyncio.StreamReaderProtocol:
-            return asyncio.StreamReaderProtocol(asyncio.StreamReader(_READ_LIMIT), callback)
+    async def sweep() -> None:
+        """Escaped processes are killed while runs go on, not only when they end."""
+        box = containment()
+        while box.subreaper:
+            await asyncio.sleep(SWEEP_S)
+            box.sweep()
+            svc.count_kills()
 
-        async def sweep() -> None:
-            """Escaped processes are killed while runs go on, not only when they end."""
-            box = containment()
-            while box.subreaper:
-                await asyncio.sleep(SWEEP_S)
-                box.sweep()
-                svc.count_kills()
-
-        # TLS, when on, is started by each connection with the context in force then.
-        listener = Listener("cmdexec", settings.host, settings.port, factory, svc.hub)
-        return [listener, Background("process sweep", sweep),
-                Reload(lambda: reload(svc, settings))]  # fmt: skip
-
-    return await serve_service(
-        settings, NAME, __version__, build,
-        registry=registry, provider=provider, on_ready=on_ready, stop=stop,
-    )  # fmt: skip
+    return [
+        Listener("cmdexec", settings.host, settings.port, factory, svc.hub),
+        Background("process sweep", sweep),
+        Reload(lambda: reload(svc, settings, worker.share)),
+    ]
 
 
 def refuse_unsafe_start(settings: CmdexecSettings) -> None:
@@ -308,11 +210,14 @@ def token_command(argv: Sequence[str]) -> int:
     return 2
 
 
+SERVICE = Service(NAME, __version__, CmdexecSettings, build, check=refuse_unsafe_start)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else list(argv)
     if args[:1] == ["token"]:
         raise SystemExit(token_command(args[1:]))
-    service_main(CmdexecSettings, NAME, __version__, serve, argv, check=refuse_unsafe_start)
+    SERVICE.main(argv)
 
 
 if __name__ == "__main__":

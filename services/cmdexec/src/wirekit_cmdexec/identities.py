@@ -12,16 +12,17 @@ The file (``policy_file``; a complete example is ``deploy/cmdexec-policy.example
         sources: [10.0.0.0/8]            # where it may connect from (default: anywhere)
         allow: [uname, /usr/local/bin/deploy]
         arg_patterns: {deploy: "[a-z0-9-]+"}
-        shell: false
+        allow_shell: false
         timeout_run_s: 60
         limit_output_bytes: 1048576
         limit_runs: 2                    # commands of this identity running at once
         workdir: /srv
-        env: {DEPLOY_ENV: prod}
+        child_env: {DEPLOY_ENV: prod}
 
-A policy field left out takes the server's setting of the same meaning (``allow``,
-``arg_patterns``, ``allow_shell``, ``timeout_run_s``, ``limit_output_bytes``, ``limit_runs``,
-``workdir``, ``child_env``). Tokens are stored as SHA-256 hashes only: tokens are random and
+A policy field has the name of the server setting it overrides, and one left out takes that
+setting (``allow``, ``arg_patterns``, ``allow_shell``, ``timeout_run_s``, ``limit_output_bytes``,
+``limit_runs``, ``workdir``, ``child_env``; ``shell`` and ``env`` are read as ``allow_shell``
+and ``child_env``). Tokens are stored as SHA-256 hashes only: tokens are random and
 long (``token new`` makes 256-bit ones), so a fast hash is as safe as a slow one and costs
 nothing per login. Without a policy file, the ``token`` setting means one identity,
 ``default``, with the server's settings as its policy.
@@ -31,11 +32,8 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-import math
 import re
-import secrets
-import string
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -43,6 +41,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     AfterValidator,
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -56,102 +55,14 @@ from pydantic import (
 from .errors import Forbidden
 from .policy import Policy
 from .runner import RunLimits
+from .settings import CmdexecSettings
+from .tokens import hash_token
 
 TOKEN_HASH = re.compile(r"sha256:[0-9a-f]{64}")
 CERT_NAME = re.compile(r"(CN=|DNS:|email:|URI:).+")
 IdentityName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 #: The identity of the ``token`` setting when there is no policy file.
 DEFAULT_IDENTITY = "default"
-
-
-def hash_token(token: str) -> str:
-    """The form a token is stored in: ``sha256:`` and the hex digest of its UTF-8 bytes."""
-    return "sha256:" + hashlib.sha256(token.encode(errors="surrogatepass")).hexdigest()
-
-
-def new_token() -> str:
-    """A new token: 256 random bits, URL-safe."""
-    return secrets.token_urlsafe(32)
-
-
-#: Tokens estimated below this are refused (at start, by ``token hash`` and at login) unless
-#: ``allow_weak_tokens`` is set: 2^128 guesses are out of reach from any number of addresses.
-MIN_TOKEN_BITS = 128
-#: Patterns of fewer characters are coincidences in random tokens ("a1b2" happens), not signs
-#: of a human hand.
-PATTERN_MIN_CHARS = 4
-#: A token more than this share of whose characters zxcvbn finds in patterns (words, repeats,
-#: sequences, dates, keyboard walks) is human-made. Random 128-bit tokens stay under it
-#: (measured on 2,000 each: hex, base32, base64, 99th percentile at most 0.44).
-HUMAN_SHARE = 0.5
-#: The usual alphabets of random tokens, smallest first: a token is judged by the first that
-#: holds every one of its characters.
-_ALPHABETS = tuple(
-    (size, frozenset(chars))
-    for size, chars in (
-        (10, string.digits),
-        (16, "0123456789abcdef"),
-        (16, "0123456789ABCDEF"),
-        (32, string.ascii_uppercase + "234567="),  # base32 ("=": padding)
-        (36, string.ascii_lowercase + string.digits),
-        (62, string.ascii_letters + string.digits),
-        (64, string.ascii_letters + string.digits + "-_="),  # base64url
-        (64, string.ascii_letters + string.digits + "+/="),  # base64
-        (95, string.printable[:95]),  # printable ASCII and space
-    )
-)
-#: A UUID (8-4-4-4-12 hex digits): 122 random bits at most (version 4), whatever its form says.
-_UUID = re.compile(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
-_UUID_BITS = 122
-#: zxcvbn judges at most this many characters (its own limit).
-_ZXCVBN_MAX = 72
-
-
-def token_bits(token: str) -> float:
-    """Estimated entropy of a token, in bits.
-
-    Each character is worth log2 of the smallest usual alphabet holding all of them (digits,
-    hex, base32, alphanumeric, base64, printable ASCII; 95 for anything else), as in a random
-    token of that form. zxcvbn (the estimator password managers use) then looks for human
-    patterns: when more than ``HUMAN_SHARE`` of the characters lie in patterns of at least
-    ``PATTERN_MIN_CHARS``, the token is human-made and each pattern is worth only zxcvbn's guess
-    count for it (the rest stays at the alphabet's worth). ``token new``: 256 bits; ``openssl
-    rand -hex 16``: 128; a UUID: 122 (what a version 4 UUID holds); ``correct horse battery
-    staple``: about 86."""
-    if not token:
-        return 0.0
-    if _UUID.fullmatch(token):
-        return _UUID_BITS
-    import zxcvbn  # 60 ms to import: only where tokens are judged
-
-    chars = set(token)
-    per_char = math.log2(next((n for n, alphabet in _ALPHABETS if chars <= alphabet), 95))
-    judged = token[:_ZXCVBN_MAX]
-    patterns = [
-        m for m in zxcvbn.zxcvbn(judged)["sequence"]
-        if m["pattern"] != "bruteforce" and len(m["token"]) >= PATTERN_MIN_CHARS
-    ]  # fmt: skip
-    in_patterns = sum(len(m["token"]) for m in patterns)
-    if in_patterns <= HUMAN_SHARE * len(judged):
-        return len(token) * per_char
-    pattern_bits = sum(math.log2(max(float(m["guesses"]), 1.0)) for m in patterns)
-    return pattern_bits + (len(token) - in_patterns) * per_char
-
-
-def prepare_token_judge() -> None:
-    """Import zxcvbn now (60 ms), not at the first token judged."""
-    import zxcvbn  # noqa: F401
-
-
-def weak_token_problem(token: str) -> str | None:
-    """Why ``token`` is too weak to be safe against guessing, or None when it is strong."""
-    bits = token_bits(token)
-    if bits >= MIN_TOKEN_BITS:
-        return None
-    return (
-        f"the token is too weak to be safe against guessing: about {bits:.0f} bits of entropy, "
-        f"at least {MIN_TOKEN_BITS} are needed; make one with 'wirekit-cmdexec token new'"
-    )
 
 
 def _token_hash(value: str) -> str:
@@ -174,20 +85,28 @@ CertificateName = Annotated[str, AfterValidator(_certificate_name)]
 
 
 class IdentityPolicy(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """One identity in the file. A field has the name of the server setting it overrides;
+    ``shell`` and ``env`` (the first spelling of ``allow_shell`` and ``child_env``) are read
+    too."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     tokens: list[TokenHash] = []
     certificates: list[CertificateName] = []
     sources: list[IPvAnyNetwork] | None = None
     allow: list[str] | None = None
     arg_patterns: dict[str, str] | None = None
-    # Strict: `shell: "yes"` or `limit_runs: "2"` is a mistake to point out, not to guess at.
-    shell: StrictBool | None = None
+    # Strict: `allow_shell: "yes"` or `limit_runs: "2"` is a mistake to point out, not to guess.
+    allow_shell: StrictBool | None = Field(
+        None, validation_alias=AliasChoices("allow_shell", "shell")
+    )
     timeout_run_s: Annotated[float, Field(gt=0)] | None = None
     limit_output_bytes: Annotated[StrictInt, Field(ge=0)] | None = None
     limit_runs: Annotated[StrictInt, Field(ge=1)] | None = None
     workdir: str | None = None
-    env: dict[str, str] | None = None
+    child_env: dict[str, str] | None = Field(
+        None, validation_alias=AliasChoices("child_env", "env")
+    )
 
     @field_validator("arg_patterns")
     @classmethod
@@ -310,22 +229,6 @@ def load_policy_file(path: str) -> tuple[PolicyFile, str]:
     return parse_policy(text, path), hashlib.sha256(raw).hexdigest()
 
 
-@dataclass(frozen=True)
-class Defaults:
-    """The server's settings an identity's policy falls back to."""
-
-    allow: Sequence[str]
-    arg_patterns: Mapping[str, str]
-    allow_shell: bool
-    child_path: str
-    child_env: Mapping[str, str]
-    workdir: str
-    timeout_s: float
-    output_bytes: int
-    output_action: Literal["end", "drop"]
-    limit_runs: int
-
-
 @dataclass
 class Identity:
     name: str
@@ -346,23 +249,24 @@ class Identity:
             raise Forbidden(f"identity {self.name!r} may not connect from {address}")
 
 
-def _identity(name: str, spec: IdentityPolicy, d: Defaults, share: int) -> Identity:
-    env = dict(d.child_env if spec.env is None else spec.env)
-    workdir = d.workdir if spec.workdir is None else spec.workdir
+def _identity(
+    name: str, spec: IdentityPolicy, d: CmdexecSettings, share: Callable[[int], int]
+) -> Identity:
+    def pick(field: str) -> Any:
+        """The identity's own value of ``field``, else the server's."""
+        own = getattr(spec, field)
+        return getattr(d, field) if own is None else own
+
+    workdir = pick("workdir")
     limits = RunLimits(
-        timeout_s=d.timeout_s if spec.timeout_run_s is None else spec.timeout_run_s,
-        output_bytes=d.output_bytes if spec.limit_output_bytes is None else spec.limit_output_bytes,
-        output_action=d.output_action,
-        env={"PATH": d.child_path, "LANG": "C.UTF-8", "HOME": workdir, **env},
-        cwd=workdir,
+        timeout_run_s=pick("timeout_run_s"),
+        limit_output_bytes=pick("limit_output_bytes"),
+        limit_output_action=d.limit_output_action,
+        child_env={"PATH": d.child_path, "LANG": "C.UTF-8", "HOME": workdir, **pick("child_env")},
+        workdir=workdir,
     )
-    policy = Policy(
-        d.allow if spec.allow is None else spec.allow,
-        d.arg_patterns if spec.arg_patterns is None else spec.arg_patterns,
-        d.child_path,
-        d.allow_shell if spec.shell is None else spec.shell,
-    )
-    runs = d.limit_runs if spec.limit_runs is None else max(1, spec.limit_runs // share)
+    policy = Policy(pick("allow"), pick("arg_patterns"), d.child_path, pick("allow_shell"))
+    runs = d.limit_runs if spec.limit_runs is None else share(spec.limit_runs)
     sources = None if spec.sources is None else tuple(spec.sources)
     return Identity(name, policy, limits, runs, sources,
                     frozenset((*spec.tokens, *spec.certificates)))  # fmt: skip
@@ -389,14 +293,18 @@ class Identities:
         return list(found.values())
 
     @classmethod
-    def from_file(cls, policy: PolicyFile, sha256: str, d: Defaults, share: int) -> Identities:
+    def from_file(
+        cls, policy: PolicyFile, sha256: str, d: CmdexecSettings, share: Callable[[int], int]
+    ) -> Identities:
+        """``share``: an identity's ``limit_runs`` for this worker (the server's settings are
+        divided already; see wirekit_servicekit.worker)."""
         return cls({n: _identity(n, s, d, share) for n, s in policy.identities.items()}, sha256)
 
     @classmethod
-    def single(cls, token: str, d: Defaults) -> Identities:
+    def single(cls, token: str, d: CmdexecSettings) -> Identities:
         """No policy file: the ``token`` setting is identity ``default`` with the settings."""
         digest = hash_token(token)
-        ident = _identity(DEFAULT_IDENTITY, IdentityPolicy(tokens=[digest]), d, 1)
+        ident = _identity(DEFAULT_IDENTITY, IdentityPolicy(tokens=[digest]), d, lambda n: n)
         return cls({DEFAULT_IDENTITY: ident}, hashlib.sha256(digest.encode()).hexdigest())
 
 

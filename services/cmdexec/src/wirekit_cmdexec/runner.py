@@ -18,9 +18,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .containment import containment
+from .containment import Containment, containment
 from .errors import ClientGone
 from .messages import Kind
+from .states import Act, State, act
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +88,13 @@ END = End()
 
 @dataclass(frozen=True)
 class RunLimits:
-    timeout_s: float
-    output_bytes: int  # per stream
-    output_action: Literal["end", "drop"]  # when a stream passes output_bytes
-    env: Mapping[str, str]
-    cwd: str
+    """How a command runs: its settings' names (and the policy file's) for the same things."""
+
+    timeout_run_s: float
+    limit_output_bytes: int  # per stream
+    limit_output_action: Literal["end", "drop"]  # when a stream passes limit_output_bytes
+    child_env: Mapping[str, str]  # the whole environment of the command
+    workdir: str
 
 
 _RLIMITS = {"nproc": resource.RLIMIT_NPROC, "cpu": resource.RLIMIT_CPU, "as": resource.RLIMIT_AS}
@@ -182,13 +185,119 @@ def _killpg(pgid: int, sig: int = signal.SIGKILL) -> None:
         os.killpg(pgid, sig)
 
 
+class _ExitWatch(asyncio.subprocess.SubprocessStreamProtocol):
+    """The subprocess protocol that says when the command itself has exited: Process.wait()
+    only returns once the pipes are closed too, and a background grandchild can hold them open
+    forever."""
+
+    def __init__(self, exited: asyncio.Future[None], loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(limit=CHUNK, loop=loop)
+        self.exited = exited
+
+    def process_exited(self) -> None:
+        super().process_exited()
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+
+class _Run:
+    """One command's run: its output pumped to the client, the client's messages applied to it,
+    and its end, however it comes (exit, timeout, output cap, the client gone or misbehaving)."""
+
+    def __init__(
+        self, proc: asyncio.subprocess.Process, pid: int, exited: asyncio.Future[None],
+        limits: RunLimits, send: Send, inbox: Inbox,
+    ) -> None:  # fmt: skip
+        self.proc = proc
+        self.pid = pid
+        self.exited = exited
+        self.limits = limits
+        self.send = send
+        self.inbox = inbox
+        self.out = Outcome()
+        self.cut_short: asyncio.Future[str] = exited.get_loop().create_future()
+
+    def end_early(self, why: str) -> None:
+        """ "output_cap" or "stalled" (the client stopped reading)."""
+        if not self.cut_short.done():
+            self.cut_short.set_result(why)
+
+    async def pump(self, stream: asyncio.StreamReader, kind: Kind, name: str) -> None:
+        """A pipe to the client, up to the output cap, as fast as the client takes it."""
+        out, cap = self.out, self.limits.limit_output_bytes
+        while chunk := await stream.read(CHUNK):
+            if self.cut_short.done():
+                continue  # keep draining the pipe so that the child never blocks on it
+            room = cap - out.sent[name]
+            if room < len(chunk):
+                out.truncated[name] = True
+                chunk = chunk[: max(room, 0)]
+                if self.limits.limit_output_action == "end":
+                    self.end_early("output_cap")
+            if chunk:
+                out.sent[name] += len(chunk)
+                try:
+                    await self.send(kind, chunk)  # waits (with a deadline) for a slow client
+                except ClientGone:
+                    self.end_early("stalled")
+
+    async def control(self) -> str:
+        """Apply the client's STDIN / STDIN_EOF / SIGNAL; return why the client ended the run."""
+        stdin = self.proc.stdin
+        while True:
+            item = await self.inbox.get()
+            if isinstance(item, End):
+                return "disconnect" if item.error is None else "error"
+            kind, body = item
+            if act(State.RUNNING, kind) is not Act.HANDLE:
+                return "bad_request"  # EXEC or AUTH while a command runs
+            if kind is Kind.SIGNAL:
+                _killpg(self.pid, signal.Signals[f"SIG{body.name}"])
+            elif stdin is None:
+                continue  # no STDIN asked for: the command reads /dev/null
+            elif kind is Kind.STDIN:
+                with contextlib.suppress(ConnectionError, OSError):
+                    stdin.write(body)
+                    await stdin.drain()
+            else:
+                stdin.close()
+
+    async def until_over(self, controller: asyncio.Task[str]) -> None:
+        """Wait for the command's exit, the client's end, a cut or the timeout; kill the group
+        unless it exited by itself; then give its pipes a moment to reach their end."""
+        out = self.out
+        first: set[asyncio.Future[Any]] = {self.exited, controller, self.cut_short}
+        done, _ = await asyncio.wait(
+            first, timeout=self.limits.timeout_run_s, return_when=asyncio.FIRST_COMPLETED
+        )
+        if self.exited not in done:
+            if controller in done:
+                out.aborted = controller.result()
+            elif self.cut_short in done:
+                reason = self.cut_short.result()
+                out.output_capped = reason == "output_cap"
+                out.aborted = None if out.output_capped else reason
+            else:
+                out.timed_out = True
+            _killpg(self.pid)
+            await self.exited
+
+    def ended(self, returncode: int, duration_s: float) -> Outcome:
+        out = self.out
+        if returncode < 0:
+            out.signal = signal.Signals(-returncode).name.removeprefix("SIG")
+        else:
+            out.code = returncode
+        out.duration_s = duration_s
+        return out
+
+
 async def run(
     path: str,
     args: tuple[str, ...],
     limits: RunLimits,
     spawner: Spawner,
     *,
-    timeout_s: float,
     want_stdin: bool,
     send: Send,
     inbox: Inbox,
@@ -198,25 +307,16 @@ async def run(
     loop = asyncio.get_running_loop()
     started = loop.time()
     box = containment()
-    # Process.wait() only returns once the pipes are closed too, and a background grandchild
-    # can hold them open forever: the protocol tells us when the command itself has exited.
     exited: asyncio.Future[None] = loop.create_future()
-
-    class _Protocol(asyncio.subprocess.SubprocessStreamProtocol):
-        def process_exited(self) -> None:
-            super().process_exited()
-            if not exited.done():
-                exited.set_result(None)
-
     with box.spawning():
         transport, protocol = await loop.subprocess_exec(
-            lambda: _Protocol(limit=CHUNK, loop=loop),
+            lambda: _ExitWatch(exited, loop),
             *spawner.argv(path, args),
             stdin=asyncio.subprocess.PIPE if want_stdin else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-            env=dict(limits.env),
-            cwd=limits.cwd,
+            env=dict(limits.child_env),
+            cwd=limits.workdir,
             start_new_session=True,  # its own session and process group: sid == pgid == pid
             close_fds=True,
         )
@@ -224,70 +324,16 @@ async def run(
         box.live.add(pid)
     spawner.after_spawn(pid)
     proc = asyncio.subprocess.Process(transport, protocol, loop)
-    out = Outcome()
-    cut_short: asyncio.Future[str] = loop.create_future()  # "output_cap" | "stalled"
-
-    def end_early(why: str) -> None:
-        if not cut_short.done():
-            cut_short.set_result(why)
-
-    async def pump(stream: asyncio.StreamReader, kind: Kind, name: str) -> None:
-        cap = limits.output_bytes
-        while chunk := await stream.read(CHUNK):
-            if cut_short.done():
-                continue  # keep draining the pipe so that the child never blocks on it
-            room = cap - out.sent[name]
-            if room < len(chunk):
-                out.truncated[name] = True
-                chunk = chunk[: max(room, 0)]
-                if limits.output_action == "end":
-                    end_early("output_cap")
-            if chunk:
-                out.sent[name] += len(chunk)
-                try:
-                    await send(kind, chunk)  # waits (with a deadline) while the client is slow
-                except ClientGone:
-                    end_early("stalled")
-
-    async def control() -> str:
-        """Apply the client's STDIN / STDIN_EOF / SIGNAL; return why the client ended the run."""
-        while True:
-            item = await inbox.get()
-            if isinstance(item, End):
-                return "disconnect" if item.error is None else "error"
-            kind, body = item
-            if kind is Kind.STDIN and proc.stdin is not None:
-                with contextlib.suppress(ConnectionError, OSError):
-                    proc.stdin.write(body)
-                    await proc.stdin.drain()
-            elif kind is Kind.STDIN_EOF and proc.stdin is not None:
-                proc.stdin.close()
-            elif kind is Kind.SIGNAL:
-                _killpg(pid, signal.Signals[f"SIG{body.name}"])
-            elif kind not in (Kind.STDIN, Kind.STDIN_EOF):
-                return "bad_request"  # EXEC or AUTH while a command runs
-
     assert proc.stdout is not None
     assert proc.stderr is not None
+    this = _Run(proc, pid, exited, limits, send, inbox)
     pumps = [
-        loop.create_task(pump(proc.stdout, Kind.STDOUT, "stdout")),
-        loop.create_task(pump(proc.stderr, Kind.STDERR, "stderr")),
+        loop.create_task(this.pump(proc.stdout, Kind.STDOUT, "stdout")),
+        loop.create_task(this.pump(proc.stderr, Kind.STDERR, "stderr")),
     ]
-    controller = loop.create_task(control())
+    controller = loop.create_task(this.control())
     try:
-        first: set[asyncio.Future[Any]] = {exited, controller, cut_short}
-        done, _ = await asyncio.wait(first, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-        if exited not in done:
-            if controller in done:
-                out.aborted = controller.result()
-            elif cut_short in done:
-                reason = cut_short.result()
-                out.output_capped = reason == "output_cap"
-                out.aborted = None if out.output_capped else reason
-            else:
-                out.timed_out = True
-            _killpg(pid)
-            await exited
+        await this.until_over(controller)
         # The command is over. A background child may still hold its pipes: give them a moment
         # to reach end of file, then kill whatever is left of the group, always.
         _, pending = await asyncio.wait(pumps, timeout=PIPE_GRACE_S)
@@ -308,15 +354,16 @@ async def run(
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(proc.stdin.wait_closed(), 1.0)
         box.live.discard(pid)
-        for _ in range(_END_SWEEPS):  # what it left behind, re-parented to us meanwhile
-            if not box.sweep():
-                break
-            await asyncio.sleep(0.005)
+        await _sweep_leftovers(box)
     rc = transport.get_returncode()
     assert rc is not None
-    if rc < 0:
-        out.signal = signal.Signals(-rc).name.removeprefix("SIG")
-    else:
-        out.code = rc
-    out.duration_s = loop.time() - started
-    return out
+    return this.ended(rc, loop.time() - started)
+
+
+async def _sweep_leftovers(box: Containment) -> None:
+    """What the command left behind, re-parented to us meanwhile: a few sweeps, a short pause
+    between them, until one finds nothing."""
+    for _ in range(_END_SWEEPS):
+        if not box.sweep():
+            break
+        await asyncio.sleep(0.005)

@@ -7,7 +7,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import ClassVar
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -65,6 +66,12 @@ def kernel_drops(inode: int, tables: tuple[str, ...] = _TABLES) -> int | None:
 
 class SocketStats(Collector):
     """``udp_socket_drops_total`` and the buffer sizes, for the sockets attached so far."""
+
+    #: With workers, each has its own socket of the same size: the instance shows that size.
+    gauge_modes: ClassVar[Mapping[str, str]] = {
+        "udp_socket_receive_buffer_bytes": "max",
+        "udp_socket_send_buffer_bytes": "max",
+    }
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.sockets: list[tuple[int, int, int]] = []  # (inode, receive, send)

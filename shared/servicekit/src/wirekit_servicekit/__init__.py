@@ -1,8 +1,10 @@
 """wirekit_servicekit: what every wirekit service shares at run time.
 
-Settings (:class:`ServiceSettings`), JSON logs (:func:`configure_logging`), metrics and the
-health endpoint (:class:`MetricsServer`), tracing from ``OTEL_*`` (:func:`setup_tracing`) and the
-server lifecycle (:func:`run`, :class:`ConnectionHub`).
+A service declares itself once (:class:`Service`: name, settings, refusals, ``build``) and gets
+the rest: settings from flags, environment and secrets (:class:`ServiceSettings`), JSON logs,
+metrics and the health endpoint (:class:`MetricsServer`), tracing from ``OTEL_*``, the
+lifecycle (:func:`run`: listen, drain, exit), connection limits (:class:`ConnectionHub`) and
+workers under a supervisor (``--workers``).
 
 Imports are lazy (PEP 562): a client that needs only :mod:`wirekit_servicekit.cli` does not load
 pydantic, OpenTelemetry and prometheus_client with it, and :mod:`.reload` runs before anything
@@ -17,63 +19,55 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from .app import Build, serve_service, service_main
-    from .lifecycle import (
-        Background,
-        CloseReason,
-        Connection,
-        ConnectionHub,
-        ConnectionLimits,
-        DatagramListener,
-        Listener,
-        Reload,
-        event_loop_factory,
-        reset,
-        reset_when_delivered,
-        run,
-        unread_bytes,
-    )
+    from .hub import CloseReason, Connection, ConnectionHub, ConnectionLimits, source_key
+    from .lifecycle import run
     from .logs import TraceContextFilter, configure_logging
+    from .loops import event_loop_factory
     from .metrics import ConnectionMetrics, HotCounter, HotHistogram, MetricsServer, new_registry
+    from .parts import Background, DatagramListener, Listener, Part, Reload
+    from .service import Runtime, Service
     from .settings import ServiceSettings, SettingsLoadError, TcpServiceSettings, load_settings
+    from .sockets import reset, reset_when_delivered, unread_bytes
     from .tracing import connection_span, setup_tracing
+    from .worker import Worker
 
 #: Public name -> the private module that defines it.
 _EXPORTS = {
-    "Background": "lifecycle",
-    "Build": "app",
-    "CloseReason": "lifecycle",
-    "Connection": "lifecycle",
-    "ConnectionHub": "lifecycle",
-    "ConnectionLimits": "lifecycle",
+    "Background": "parts",
+    "CloseReason": "hub",
+    "Connection": "hub",
+    "ConnectionHub": "hub",
+    "ConnectionLimits": "hub",
     "ConnectionMetrics": "metrics",
-    "DatagramListener": "lifecycle",
+    "DatagramListener": "parts",
     "HotCounter": "metrics",
     "HotHistogram": "metrics",
-    "Listener": "lifecycle",
+    "Listener": "parts",
     "MetricsServer": "metrics",
-    "Reload": "lifecycle",
+    "Part": "parts",
+    "Reload": "parts",
+    "Runtime": "service",
+    "Service": "service",
     "ServiceSettings": "settings",
     "SettingsLoadError": "settings",
     "TcpServiceSettings": "settings",
     "TraceContextFilter": "logs",
+    "Worker": "worker",
     "configure_logging": "logs",
     "connection_span": "tracing",
-    "event_loop_factory": "lifecycle",
+    "event_loop_factory": "loops",
     "load_settings": "settings",
     "new_registry": "metrics",
-    "reset": "lifecycle",
-    "reset_when_delivered": "lifecycle",
+    "reset": "sockets",
+    "reset_when_delivered": "sockets",
     "run": "lifecycle",
-    "serve_service": "app",
-    "service_main": "app",
     "setup_tracing": "tracing",
-    "unread_bytes": "lifecycle",
+    "source_key": "hub",
+    "unread_bytes": "sockets",
 }
 
 __all__ = [
     "Background",
-    "Build",
     "CloseReason",
     "Connection",
     "ConnectionHub",
@@ -84,11 +78,15 @@ __all__ = [
     "HotHistogram",
     "Listener",
     "MetricsServer",
+    "Part",
     "Reload",
+    "Runtime",
+    "Service",
     "ServiceSettings",
     "SettingsLoadError",
     "TcpServiceSettings",
     "TraceContextFilter",
+    "Worker",
     "configure_logging",
     "connection_span",
     "event_loop_factory",
@@ -97,9 +95,8 @@ __all__ = [
     "reset",
     "reset_when_delivered",
     "run",
-    "serve_service",
-    "service_main",
     "setup_tracing",
+    "source_key",
     "unread_bytes",
 ]
 

@@ -29,17 +29,19 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from .aggregate import ServiceRegistry
+
 __all__ = ["ConnectionMetrics", "HotCounter", "HotHistogram", "MetricsServer", "new_registry"]
 
 StartResponse = Callable[..., Any]
 Environ = dict[str, Any]
 
 
-def new_registry(process_metrics: bool = True) -> CollectorRegistry:
+def new_registry(process_metrics: bool = True) -> ServiceRegistry:
     """A registry of one's own; with the standard process/platform/GC collectors by default.
     (The services turn off prometheus_client's ``*_created`` series once, at start: they double
-    the exposition and no dashboard uses them; see ``service_main``.)"""
-    registry = CollectorRegistry(auto_describe=True)
+    the exposition and no dashboard uses them; see ``Service.main``.)"""
+    registry = ServiceRegistry(auto_describe=True)
     if process_metrics:
         for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
             registry.register(collector)
@@ -150,6 +152,9 @@ class MetricsServer:
         self.ready = False
         #: When set, /readyz asks it instead of reading ``ready`` (a supervisor's workers).
         self.readiness: Callable[[], bool] | None = None
+        #: When set, asked for the other paths: the body of a 200 answer, or None (404). A
+        #: supervisor answers ``/workers/<i>/metrics`` with it.
+        self.more: Callable[[str], str | None] | None = None
         self._metrics_app = make_wsgi_app(registry)
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[
             0
@@ -177,6 +182,9 @@ class MetricsServer:
         if path == "/metrics":
             result: Iterable[bytes] = self._metrics_app(environ, start_response)
             return result
+        body = self.more(path) if self.more is not None else None
+        if body is not None:
+            return _plain(start_response, 200, body.encode())
         return _plain(start_response, 404, b"try /metrics, /healthz or /readyz\n")
 
     def start(self) -> None:

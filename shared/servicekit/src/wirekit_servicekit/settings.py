@@ -8,6 +8,9 @@ the field default. ``--help`` is generated from the same model, with each variab
 
 from __future__ import annotations
 
+import contextlib
+import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +30,7 @@ __all__ = [
     "ServiceSettings",
     "SettingsLoadError",
     "TcpServiceSettings",
+    "cpu_count",
     "load_settings",
     "metrics_port_field",
 ]
@@ -111,11 +115,7 @@ class ServiceSettings(BaseSettings):
     @property
     def worker_count(self) -> int:
         """``workers`` as a number (``auto`` resolved)."""
-        if self.workers == "auto":
-            from .workers import cpu_count
-
-            return cpu_count()
-        return self.workers
+        return cpu_count() if self.workers == "auto" else self.workers
 
     @property
     def drain_grace_s(self) -> float:
@@ -213,6 +213,18 @@ def _secret_text(value: object) -> str:
     if isinstance(value, bytes):
         value = value.decode(errors="replace")
     return value if isinstance(value, str) else ""
+
+
+def cpu_count() -> int:
+    """The CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota (what
+    ``workers = "auto"`` means)."""
+    cpus = len(os.sched_getaffinity(0))
+    with contextlib.suppress(OSError, ValueError):
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    return max(1, cpus)
 
 
 class TcpServiceSettings(ServiceSettings):

@@ -1,12 +1,13 @@
-"""Test support: run a service in-process on ephemeral ports with a fresh registry and an
-in-memory span exporter (as client_python's and OpenTelemetry's own tests do)."""
+"""Test support: run a service in-process (:meth:`Service.serve`, the entry point the console
+script uses too) on ephemeral ports with a fresh registry and an in-memory span exporter (as
+client_python's and OpenTelemetry's own tests do)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Collection, Coroutine
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -16,12 +17,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client import CollectorRegistry
 
 from .metrics import new_registry
+from .service import Service
 from .settings import ServiceSettings
 
 __all__ = ["RunningService", "running_service", "until"]
 
 S = TypeVar("S", bound=ServiceSettings)
-Serve = Callable[..., Coroutine[Any, Any, int]]
 R = TypeVar("R", bound="RunningService[Any]")
 
 
@@ -68,9 +69,12 @@ class _Problems(logging.Handler):
 
 @contextlib.asynccontextmanager
 async def running_service(
-    serve: Serve, settings: ServiceSettings, cls: type[R], expected_errors: Collection[str] = ()
+    service: Service[Any],
+    settings: ServiceSettings,
+    cls: type[R],
+    expected_errors: Collection[str] = (),
 ) -> AsyncIterator[R]:
-    """Start ``serve(settings, registry, provider, on_ready, stop)`` as ``cls`` (a
+    """Start ``service`` with ``settings`` as ``cls`` (a
     :class:`RunningService` subclass with the service's own helpers); stop it after, and check
     that it ended cleanly: exit status 0, every ``*_active`` gauge back to 0, nothing logged at
     ERROR or with a traceback while it ran (but the messages in ``expected_errors``, which a
@@ -78,11 +82,11 @@ async def running_service(
     problems = _Problems()
     logging.getLogger().addHandler(problems)
     try:
-        async with _running(serve, settings, cls) as service:
-            yield service
+        async with _running(service, settings, cls) as running:
+            yield running
         active = {
             f"{s.name}{s.labels}": s.value
-            for metric in service.registry.collect()
+            for metric in running.registry.collect()
             for s in metric.samples
             if s.name.endswith("_active") and s.value
         }
@@ -97,7 +101,7 @@ async def running_service(
 
 
 @contextlib.asynccontextmanager
-async def _running(serve: Serve, settings: ServiceSettings, cls: type[R]) -> AsyncIterator[R]:
+async def _running(spec: Service[Any], settings: ServiceSettings, cls: type[R]) -> AsyncIterator[R]:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -109,8 +113,9 @@ async def _running(serve: Serve, settings: ServiceSettings, cls: type[R]) -> Asy
         ready.set()
 
     service.task = asyncio.create_task(
-        serve(settings, service.registry, provider, on_ready, service.stop)
-    )
+        spec.serve(settings, registry=service.registry, provider=provider, on_ready=on_ready,
+                   stop=service.stop)
+    )  # fmt: skip
     # Ready, or ended first (settings it refuses): say so at once rather than wait it out.
     waiter = asyncio.create_task(ready.wait())
     await asyncio.wait({waiter, service.task}, timeout=10, return_when=asyncio.FIRST_COMPLETED)

@@ -1,0 +1,56 @@
+"""What a service's ``build`` returns: its listeners, background tasks and reload handler."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from .hub import ConnectionHub
+
+__all__ = ["Background", "DatagramListener", "Listener", "Part", "Reload"]
+
+
+@dataclass(frozen=True)
+class Listener:
+    """One TCP listener: ``factory`` builds a protocol for each connection accepted."""
+
+    name: str
+    host: str
+    port: int
+    factory: Callable[[], asyncio.BaseProtocol]
+    hub: ConnectionHub
+    ssl: ssl.SSLContext | None = None
+
+
+@dataclass(frozen=True)
+class Background:
+    """A task the service runs beside its listeners (a periodic sweep, a reporter): started
+    once the listeners are bound, cancelled and awaited at shutdown. Its failure is logged."""
+
+    name: str
+    factory: Callable[[], Coroutine[Any, Any, None]]
+
+
+@dataclass(frozen=True)
+class DatagramListener:
+    """One UDP endpoint: ``factory`` builds its DatagramProtocol. Stateless: nothing to drain."""
+
+    name: str
+    host: str
+    port: int
+    factory: Callable[[], asyncio.DatagramProtocol]
+
+
+@dataclass(frozen=True)
+class Reload:
+    """What a service that reloads does on SIGHUP. Installed before the listeners are bound; a
+    SIGHUP that came earlier (held from the process's start, see :mod:`.reload`) is taken
+    then, so the service is ready with the newest configuration."""
+
+    callback: Callable[[], object]
+
+
+Part = Listener | DatagramListener | Background | Reload
