@@ -22,6 +22,7 @@ Worker ``i``'s own exposition stays reachable through the supervisor for debuggi
 
 from __future__ import annotations
 
+import threading
 import urllib.request
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -153,6 +154,8 @@ class _Slot:
     """One worker slot as the supervisor's metrics see it."""
 
     metrics_port: int | None = None
+    #: Moves at each attach and detach: a scrape that began before one is not used.
+    generation: int = 0
     modes: dict[str, str] = field(default_factory=dict)
     #: Counter and histogram samples of the slot's current worker at its last scrape, and of
     #: the workers it had before (never go down), by family.
@@ -168,21 +171,29 @@ class InstanceMetrics(Collector):
         self.namespace = namespace
         self.slots = [_Slot() for _ in range(count)]
         self.restarts = 0
+        # attach/detach run on the event loop, collect() in the metrics thread: what a scrape
+        # of a worker that was detached meanwhile found is dropped, under this lock (held for
+        # bookkeeping only, never across a scrape).
+        self._lock = threading.Lock()
 
     def attach(self, index: int, metrics_port: int, modes: Mapping[str, str]) -> None:
         """Worker ``index`` serves, with its own /metrics on ``metrics_port``."""
-        slot = self.slots[index]
-        slot.metrics_port, slot.modes = metrics_port, dict(modes)
+        with self._lock:
+            slot = self.slots[index]
+            slot.metrics_port, slot.modes = metrics_port, dict(modes)
+            slot.generation += 1
 
     def detach(self, index: int) -> None:
         """Worker ``index`` is gone: what it counted stays in the sums."""
-        slot = self.slots[index]
-        slot.metrics_port = None
-        for name, samples in slot.last.items():
-            retired = slot.retired.setdefault(name, {})
-            for key, value in samples.items():
-                retired[key] = retired.get(key, 0.0) + value
-        slot.last = {}
+        with self._lock:
+            slot = self.slots[index]
+            slot.metrics_port = None
+            slot.generation += 1
+            for name, samples in slot.last.items():
+                retired = slot.retired.setdefault(name, {})
+                for key, value in samples.items():
+                    retired[key] = retired.get(key, 0.0) + value
+            slot.last = {}
 
     def exposition(self, index: int, accept: str = _ACCEPT) -> str | None:
         """Worker ``index``'s own /metrics now (None: not serving, or no answer in time)."""
@@ -196,28 +207,39 @@ class InstanceMetrics(Collector):
         except OSError:
             return None
 
-    def _scrape(self, index: int) -> list[Metric]:
+    def _scrape(self, index: int) -> tuple[int, list[Metric]]:
+        """Worker ``index``'s families now, with the slot's generation the scrape began in;
+        the values a detach keeps are updated at once (unless it was detached meanwhile)."""
+        slot = self.slots[index]
+        generation = slot.generation
         text = self.exposition(index)
         if text is None:
-            return []
+            return generation, []
         families = list(text_string_to_metric_families(text))  # type: ignore[no-untyped-call]
-        self.slots[index].last = {
+        last = {
             f.name: {_key(s.name, s.labels): s.value for s in f.samples
                      if not s.name.endswith("_created")}
             for f in families if f.type in _SUMMED
         }  # fmt: skip
-        return families
+        with self._lock:
+            if slot.generation == generation:
+                slot.last = last
+        return generation, families
 
     def collect(self) -> Iterator[Metric]:
-        live = [(i, self._scrape(i)) for i, s in enumerate(self.slots) if s.metrics_port]
+        scraped = [(i, *self._scrape(i)) for i, s in enumerate(self.slots) if s.metrics_port]
         modes: dict[str, str] = {}
         retired: dict[str, dict[Key, float]] = {}
-        for slot in self.slots:
-            modes.update(slot.modes)
-            for name, values in slot.retired.items():
-                into = retired.setdefault(name, {})
-                for key, value in values.items():
-                    into[key] = into.get(key, 0.0) + value
+        with self._lock:
+            # A worker detached during the scrape: its counts are in ``retired`` now.
+            live = [(i, families) for i, generation, families in scraped
+                    if self.slots[i].generation == generation]  # fmt: skip
+            for slot in self.slots:
+                modes.update(slot.modes)
+                for name, values in slot.retired.items():
+                    into = retired.setdefault(name, {})
+                    for key, value in values.items():
+                        into[key] = into.get(key, 0.0) + value
         yield from combine(live, modes, retired)
         up = GaugeMetricFamily(
             f"{self.namespace}_workers", "Worker processes: configured, and up (serving).",

@@ -140,7 +140,11 @@ async def run(
     serving = _Serving(parts, worker)
     metrics.start()
     try:
-        bound = await serving.bind()
+        try:
+            bound = await serving.bind()
+        except OSError as exc:  # the port is taken, the address not ours: one line, exit 1
+            log.error("cannot listen", extra={"host": settings.host, "error": str(exc)})
+            return 1
         bound["metrics"] = metrics.port
         serving.start_background()
         metrics.ready = True

@@ -18,7 +18,7 @@ class TokenBucket:
         self.burst = float(burst)
         self.tokens = float(burst)
         self.stamp = now
-        self.limited = False  # the last take() was refused
+        self.limited = False  # SourceLimiter's bookkeeping: its last allow() was refused
 
     def level(self, now: float) -> float:
         """The tokens it holds at ``now`` (nothing is taken)."""

@@ -190,11 +190,13 @@ class Supervisor:
         self.up: set[int] = set()
         self.ports: dict[str, int] = {}
         self._deadline: asyncio.TimerHandle | None = None
+        self._stop_signal = signal.SIGTERM
 
     # -- signals ----------------------------------------------------------------------------
     def handle_term(self, signum: int = signal.SIGTERM) -> None:
         """Stop: every worker drains; the ones still running past the drain are killed."""
         log.info("signal received: forwarding to the workers", extra={"signal": signum})
+        self._stop_signal = signal.Signals(signum)
         self.stopping.set()
         if self._deadline is None:
             grace = self.settings.drain_grace_s + STOP_MARGIN_S
@@ -251,6 +253,8 @@ class Supervisor:
         except OSError:
             log.exception("could not start a worker", extra={"worker": worker.index})
             return False
+        if self.stopping.is_set():  # the stop came while it was being spawned
+            worker.signal(self._stop_signal)
         report = await worker.ready()
         if report is None:
             worker.kill()
@@ -269,6 +273,8 @@ class Supervisor:
         backoff = Backoff()
         while True:
             if not started:
+                if self.stopping.is_set():
+                    return  # stopped before this slot's worker was started: none to start
                 await self.start(worker)
             started = False
             await worker.reap()
@@ -308,7 +314,8 @@ class Supervisor:
             await asyncio.gather(*tasks)
         finally:
             await self._shutdown(tasks)
-        return 0 if all(w.returncode == 0 for w in self.workers) else 1
+        # A slot stopped before its worker was ever started has nothing to answer for.
+        return 0 if all(w.returncode == 0 for w in self.workers if w.proc is not None) else 1
 
     async def _until_ready_or_stopping(self) -> None:
         waits = [asyncio.ensure_future(e.wait()) for e in (self.all_up, self.stopping)]
