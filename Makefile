@@ -18,7 +18,7 @@ endif
 BASE_IMAGE  ?= python:3.11-slim-bookworm
 COMPOSE     ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
 STACK_NAME  ?= wirekit
-STACK       := $(COMPOSE) -p $(STACK_NAME) -f deploy/compose.yaml $(if $(OFFLINE),-f deploy/compose.offline.yaml)
+STACK       := $(COMPOSE) -p $(STACK_NAME) -f deploy/compose.yaml $(if $(OFFLINE),-f deploy/compose.offline.yaml) $(foreach p,$(PROFILES),--profile $(p))
 
 .PHONY: FORCE help install run check test lint fmt lock clean wheelhouse images base-image up down stack-up stack-down bench soak mutants
 .DEFAULT_GOAL := help

@@ -268,10 +268,11 @@ def main() -> None:
     )
     p.add_argument(
         "--only",
-        choices=("all", "echo", "cmdexec", "workers"),
+        choices=("all", "echo", "cmdexec", "workers", "proxy"),
         default="all",
         help="echo: the TCP echo tables only; cmdexec: the cmdexec bench only; workers: "
-        "wirekit echo with 1 and 2 workers only",
+        "wirekit echo with 1 and 2 workers only; proxy: the PROXY protocol's cost per "
+        "connection only",
     )
     args = p.parse_args()
     # SIGTERM (timeout, kill) ends like Ctrl-C: the finally below stops every server started.
@@ -305,7 +306,7 @@ def main() -> None:
         tcp.insert(4, xi)
     if args.only == "echo":
         udp = []
-    if args.only in ("cmdexec", "workers"):
+    if args.only in ("cmdexec", "workers", "proxy"):
         tcp, udp, xi = [], [], None
     everything = tcp + udp
     stop_scraping = threading.Event()
@@ -314,7 +315,7 @@ def main() -> None:
                  "python": platform.python_version(), "reps": args.reps,
                  "duration_s": args.duration, "load": "10,000 msgs/s paced unless closed loop"},
         "paced": [], "closed": [], "udp": [], "cold": [], "nagle": [], "idle": {},
-        "cmdexec": {}, "framing": {}, "workers": [], "baseline": args.baseline,
+        "cmdexec": {}, "framing": {}, "workers": [], "proxy": {}, "baseline": args.baseline,
     }  # fmt: skip
     try:
         for server in everything:
@@ -377,6 +378,11 @@ def main() -> None:
         report["cmdexec"] = json.loads(subprocess.run(
             [PY, str(HERE / "cmdexec_bench.py"), *(["--quick"] if args.quick else []), *extra],
             check=True, capture_output=True, text=True, timeout=900).stdout)  # fmt: skip
+    if args.only in ("all", "proxy"):
+        log("proxy")
+        report["proxy"] = json.loads(subprocess.run(
+            [PY, str(HERE / "proxy_bench.py"), *(["--quick"] if args.quick else [])],
+            check=True, capture_output=True, text=True, timeout=600).stdout)  # fmt: skip
     if args.only == "all":
         log("framing")
         report["framing"] = json.loads(subprocess.run(
@@ -617,6 +623,17 @@ def render(report: dict[str, Any]) -> str:
         lines += ["", "| streaming 100 MB | MB/s |", "|---|---|"]
         for row in cx["streaming"]:
             lines.append(f"| {row['name']} | {row['mb_per_s']:.0f} |")
+    if report.get("proxy"):
+        px = report["proxy"]
+        off, on = px["proxy off"], px["proxy v2"]
+        lines += ["## PROXY protocol: cost per connection (echo framed, connect + 100 B + close)", "",
+                  f"{px['connections']} connections one after the other, {px['rounds']} interleaved "
+                  "rounds, medians.", "",
+                  "| | wall µs/connection | server CPU µs/connection |", "|---|---|---|",
+                  f"| proxy_protocol off | {off['wall_us']:.0f} | {off['cpu_us']:.0f} |",
+                  f"| proxy_protocol v2 (header parsed) | {on['wall_us']:.0f} | {on['cpu_us']:.0f} |",
+                  f"| cost of the header | {on['wall_us'] - off['wall_us']:+.0f} | "
+                  f"{on['cpu_us'] - off['cpu_us']:+.0f} |", ""]  # fmt: skip
     if report["framing"]:
         fr = report["framing"]
         lines += ["", "## Framing decoder", "",

@@ -6,6 +6,7 @@ import contextlib
 import gzip
 import json
 import os
+import queue
 import shutil
 import socket
 import subprocess
@@ -19,7 +20,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -287,29 +288,47 @@ class ServiceProcess:
         assert not bad, "".join(bad)
 
 
+#: How long a service process gets to say it is listening.
+START_S = 30.0
+
+
 @contextlib.contextmanager
 def service_process(
     module: str, *args: str, env: dict[str, str] | None = None
 ) -> Iterator[ServiceProcess]:
-    """Run ``python -m module args`` (ports 0 where the caller says so); wait for its
-    "listening" log line (the supervisor's, with ``--workers``); kill it at the end if the test
-    did not stop it."""
+    """Run ``python -m module args`` (ports 0 where the caller says so); wait (at most
+    ``START_S``) for its "listening" log line (the supervisor's, with ``--workers``); kill it at
+    the end if the test did not stop it. Its stderr is read by a thread from the start."""
     popen = subprocess.Popen([sys.executable, "-m", module, *args], stderr=subprocess.PIPE,
                              text=True, env={**os.environ, **(env or {})})  # fmt: skip
     assert popen.stderr is not None
     lines: list[str] = []
-    ports: dict[str, int] = {}
-    try:
-        for line in popen.stderr:  # bounded: the process ends (and so the loop) on failure
+    ready: queue.Queue[dict[str, int] | None] = queue.Queue()
+
+    def read(stream: IO[str]) -> None:
+        said = False
+        for line in stream:
             lines.append(line)
+            if said or not line.startswith("{"):
+                continue
             record = json.loads(line)
             if record.get("message") == "listening" and "worker" not in record:
-                ports = record["ports"]
-                break
-        assert ports, f"{module} did not start: {lines}"
-        threading.Thread(target=lambda: lines.extend(popen.stderr or ()), daemon=True).start()
+                said = True
+                ready.put(record["ports"])
+        ready.put(None)  # the process ended (or closed stderr)
+
+    reader = threading.Thread(target=read, args=(popen.stderr,), daemon=True)
+    reader.start()
+    try:
+        try:
+            ports = ready.get(timeout=START_S)
+        except queue.Empty:
+            ports = None
+        assert ports, f"{module} did not start within {START_S:g} s: {lines}"
         yield ServiceProcess(popen, ports, lines)
     finally:
         if popen.poll() is None:
             popen.kill()
         popen.wait(10)
+        reader.join(5)
+        popen.stderr.close()

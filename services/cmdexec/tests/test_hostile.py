@@ -253,3 +253,20 @@ async def test_stop_during_runs_logs_no_traceback(start_cmdexec: StartCmdexec) -
         with pytest.raises(ConnectionError):
             await asyncio.wait_for(running, 10)
         client.sock.close()
+
+
+@pytest.mark.parametrize("stdin", [False, True], ids=["no-stdin", "stdin"])
+@pytest.mark.parametrize("kind", [Kind.EXEC, Kind.AUTH], ids=["exec", "auth"])
+async def test_exec_or_auth_while_a_command_runs_is_a_bad_request(
+    start_cmdexec: StartCmdexec, kind: Kind, stdin: bool
+) -> None:
+    """The connection's state table: while a command runs only STDIN, STDIN_EOF and SIGNAL are
+    taken; anything else ends the run (aborted) and the connection, bad_request."""
+    async with start_cmdexec() as h:
+        second = frame(kind, {"argv": ["true"]} if kind is Kind.EXEC else {"token": TOKEN})
+        first = frame(Kind.EXEC, {"argv": ["sleep", "5"], "stdin": stdin})
+        message, closed = await asyncio.to_thread(exchange, h.port, AUTH + first, second)
+        assert message is not None
+        assert (message[0], message[1].code, closed) == (Kind.ERROR, "bad_request", True)
+        await _settled(h)
+        assert h.value("cmdexec_runs_total", result="aborted") == 1

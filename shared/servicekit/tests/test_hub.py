@@ -159,7 +159,7 @@ async def test_admission(
     expected = dict.fromkeys(REJECT_REASONS, 0.0)
     for peer, name, reason in steps:
         conn = FakeConnection()
-        assert hub.admit(conn, (peer, 1234)) is (reason is None), name
+        assert (hub.admit(conn, (peer, 1234)) is not None) is (reason is None), name
         if reason is not None:
             expected[reason] += 1
     got = {r: hubs.value("rejected_total", listener="main", reason=r) for r in REJECT_REASONS}

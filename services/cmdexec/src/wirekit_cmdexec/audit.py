@@ -10,7 +10,7 @@ import logging.handlers
 import sys
 from collections.abc import Sequence
 
-from wirekit_servicekit import TraceContextFilter
+from wirekit_servicekit import Peer, TraceContextFilter
 from wirekit_servicekit.logs import json_formatter
 
 from .runner import Outcome
@@ -38,22 +38,27 @@ def configure(audit_file: str | None, service: str, worker: int | None) -> None:
     audit.propagate = False
 
 
-def auth_event(
-    *, identity: str | None, source: str, method: str | None, denied: str | None
-) -> None:
+def _where(peer: Peer) -> dict[str, object]:
+    """``source``: the client (address:port); ``proxy``: the proxy it came through (PROXY
+    protocol), or null."""
+    proxy = None if peer.proxy is None else str(Peer(*peer.proxy))
+    return {"source": str(peer), "proxy": proxy}
+
+
+def auth_event(*, identity: str | None, peer: Peer, method: str | None, denied: str | None) -> None:
     """An authentication attempt: allowed (``denied`` None) or denied and why."""
-    fields = {"event": "auth", "identity": identity, "source": source, "method": method,
+    fields = {"event": "auth", "identity": identity, **_where(peer), "method": method,
               "decision": "denied" if denied else "allowed", "reason": denied}  # fmt: skip
     (audit.warning if denied else audit.info)("auth", extra=fields)
 
 
 def exec_event(
-    *, identity: str, source: str, argv: Sequence[str], shell: bool,
+    *, identity: str, peer: Peer, argv: Sequence[str], shell: bool,
     denied: str | None = None, outcome: Outcome | None = None,
 ) -> None:  # fmt: skip
     """An EXEC: denied (and why), or how the command it ran ended."""
     fields: dict[str, object] = {
-        "event": "exec", "identity": identity, "source": source, "argv": list(argv),
+        "event": "exec", "identity": identity, **_where(peer), "argv": list(argv),
         "shell": shell, "decision": "denied" if denied else "allowed", "reason": denied,
     }  # fmt: skip
     if outcome is None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from wirekit_framing import FrameTooLarge, IncompleteFrame, read_frame
+from wirekit_servicekit import Peer
 from wirekit_servicekit.ratelimit import SourceLimiter, TokenBucket
 
 from .audit import auth_event
@@ -93,16 +94,6 @@ class AuthGuard:
         return self.under_attack
 
 
-@dataclass(frozen=True)
-class Client:
-    """Who is at the other end: ``peer`` (address:port, for the audit), ``address`` (for
-    identities' ``sources``), ``source`` (the key of per-source limits)."""
-
-    peer: str
-    address: str
-    source: str
-
-
 class Login:
     """One connection's way in."""
 
@@ -111,7 +102,7 @@ class Login:
         svc: CmdexecContext,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
-        client: Client,
+        client: Peer,
     ) -> None:
         self.svc = svc
         self.reader = reader
@@ -134,8 +125,7 @@ class Login:
             pass  # connected and left: nothing was tried
         if reason is not None:
             self.svc.metrics.auth_failures.labels(reason).inc()
-            auth_event(identity=None, source=self.client.peer, method="certificate",
-                       denied=detail)  # fmt: skip
+            auth_event(identity=None, peer=self.client, method="certificate", denied=detail)
         self.writer.transport.abort()
         return False
 
@@ -180,7 +170,7 @@ class Login:
             await self._failed("source", str(exc), identity.name)
             raise Unauthorized(str(exc)) from None
         svc.metrics.identity_logins.labels(identity.name).inc()
-        auth_event(identity=identity.name, source=self.client.peer, method=method, denied=None)
+        auth_event(identity=identity.name, peer=self.client, method=method, denied=None)
         return identity, credential
 
     def _identify(self, token: str) -> tuple[Identity | None, str, str, str]:
@@ -217,6 +207,6 @@ class Login:
         if guard.under_attack and reason != "rate_limited":
             detail += (f" (the service is under a login attack: failed logins are answered "
                        f"after {delay:g} s)")  # fmt: skip
-        auth_event(identity=identity, source=self.client.peer, method=None, denied=detail)
+        auth_event(identity=identity, peer=self.client, method=None, denied=detail)
         await asyncio.sleep(delay)
         return detail

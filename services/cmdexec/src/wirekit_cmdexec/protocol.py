@@ -29,11 +29,11 @@ from wirekit_framing import (
     IncompleteFrame,
     encode,
 )
-from wirekit_servicekit import CloseReason, reset, source_key
+from wirekit_servicekit import CloseReason, Peer, reset
 
 from . import runner
 from .audit import exec_event
-from .auth import Client, Login
+from .auth import Login
 from .context import CmdexecContext
 from .errors import (
     BadRequest,
@@ -77,12 +77,8 @@ class Connection:
         self.running = False
         self.draining = False
         self.inbox = Inbox(INBOX_SIZE)
-        peer = writer.get_extra_info("peername")
-        self.client = Client(
-            peer=f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer),
-            address=str(peer[0]) if isinstance(peer, tuple) else str(peer),
-            source=source_key(peer),
-        )
+        #: Who it is from: set by admission (the client a PROXY header named, behind a proxy).
+        self.client = Peer.direct(writer.get_extra_info("peername"))
         # Set by AUTH: who the client is, and by which credential (checked again at each EXEC,
         # so a reload that removes the credential ends what the connection may do).
         self.identity = ""
@@ -250,7 +246,7 @@ class Connection:
             except CmdexecError as exc:
                 known = self.identity if self.identity in svc.identities.by_name else None
                 svc.metrics.ran(known, "denied")
-                exec_event(identity=self.identity, source=self.client.peer, argv=req.argv,
+                exec_event(identity=self.identity, peer=self.client, argv=req.argv,
                            shell=req.shell, denied=str(exc))  # fmt: skip
                 raise
             self.running = True
@@ -273,7 +269,8 @@ class Connection:
             attributes={
                 "process.executable.name": decision.name,
                 "wirekit.cmdexec.arg_count": len(decision.args),
-                "network.peer.address": self.client.address,
+                "client.address": self.client.address,
+                "network.peer.address": (self.client.proxy or (self.client.address,))[0],
                 "wirekit.cmdexec.identity": identity.name,
             },
         ) as span:
@@ -290,7 +287,7 @@ class Connection:
             finally:
                 svc.count_kills()
             self._record(out, identity, span)
-            exec_event(identity=identity.name, source=self.client.peer, argv=req.argv,
+            exec_event(identity=identity.name, peer=self.client, argv=req.argv,
                        shell=req.shell, outcome=out)  # fmt: skip
         if out.aborted == "bad_request":
             raise BadRequest("only STDIN, STDIN_EOF and SIGNAL may be sent while a command runs")
@@ -326,13 +323,15 @@ def handler(
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = Connection(svc, reader, writer)
-        if not svc.hub.admit(conn, writer.get_extra_info("peername")):
+        peer = svc.hub.admit(conn, writer.get_extra_info("peername"), writer.transport)
+        if peer is None:
             writer.close()
             return
+        conn.client = peer
         try:
             await conn.serve()
         except Exception:
-            log.exception("connection failed", extra={"peer": conn.client.peer})
+            log.exception("connection failed", extra={"peer": str(conn.client)})
             writer.transport.abort()
         finally:
             svc.hub.release(conn)

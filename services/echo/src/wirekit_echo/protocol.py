@@ -33,6 +33,7 @@ from wirekit_servicekit import (
     ConnectionMetrics,
     HotCounter,
     HotHistogram,
+    Peer,
     connection_span,
     reset,
     reset_when_delivered,
@@ -127,13 +128,14 @@ class _EchoConnection(asyncio.Protocol):
     mode: ClassVar[str]
     # Slots: 10,000 idle connections should cost as little as possible.
     __slots__ = ("_error", "_quiet_check", "_started", "activity", "ctx", "draining", "finished",
-                 "frame_started", "span", "transport")  # fmt: skip
+                 "frame_started", "peer", "span", "transport")  # fmt: skip
 
     def __init__(self, ctx: EchoContext) -> None:
         self.ctx = ctx
         self.activity = 0  # bytes received; the hub's sweeper watches it move
         self.frame_started = 0.0  # perf_counter() of the first byte of a frame in progress
         self.transport: asyncio.Transport | None = None
+        self.peer: Peer | None = None  # the client (named by a PROXY header behind a proxy)
         self.span: trace.Span | None = None  # made when first needed, timed from _started
         self._started = 0
         self.draining = False
@@ -146,7 +148,8 @@ class _EchoConnection(asyncio.Protocol):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
-        if not self.ctx.hub.admit(self, transport.get_extra_info("peername")):
+        self.peer = self.ctx.hub.admit(self, transport.get_extra_info("peername"), transport)
+        if self.peer is None:
             transport.close()
             return
         self._started = time_ns()
@@ -155,10 +158,11 @@ class _EchoConnection(asyncio.Protocol):
         """The connection's span, created on first use with the connection's start time."""
         if self.span is None:
             assert self.transport is not None
+            assert self.peer is not None
             self.span = connection_span(
                 self.ctx.tracer,
                 f"echo.{self.mode} connection",
-                self.transport.get_extra_info("peername"),
+                self.peer,
                 self.transport.get_extra_info("sockname"),
                 {"wirekit.echo.mode": self.mode},
                 start_time=self._started,

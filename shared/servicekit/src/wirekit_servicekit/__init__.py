@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .loops import event_loop_factory
     from .metrics import ConnectionMetrics, HotCounter, HotHistogram, MetricsServer, new_registry
     from .parts import Background, DatagramListener, Listener, Part, Reload
+    from .proxy import Peer
     from .service import Runtime, Service
     from .settings import ServiceSettings, SettingsLoadError, TcpServiceSettings, load_settings
     from .sockets import reset, reset_when_delivered, unread_bytes
@@ -45,6 +46,7 @@ _EXPORTS = {
     "Listener": "parts",
     "MetricsServer": "metrics",
     "Part": "parts",
+    "Peer": "proxy",
     "Reload": "parts",
     "Runtime": "service",
     "Service": "service",
@@ -79,6 +81,7 @@ __all__ = [
     "Listener",
     "MetricsServer",
     "Part",
+    "Peer",
     "Reload",
     "Runtime",
     "Service",

@@ -13,14 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import ipaddress
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from .metrics import ConnectionMetrics
+from .proxy import PROXY_OFF, PROXY_RESULTS, GateContext, Peer, ProxyPolicy
 from .settings import TcpServiceSettings
 
 __all__ = [
@@ -77,6 +77,8 @@ class ConnectionLimits:
     per_source: int
     idle_s: float
     frame_s: float
+    #: PROXY protocol in front of the listener (off unless configured).
+    proxy: ProxyPolicy = PROXY_OFF
 
     @classmethod
     def from_settings(cls, settings: TcpServiceSettings) -> ConnectionLimits:
@@ -85,6 +87,9 @@ class ConnectionLimits:
             per_source=settings.limit_connections_per_source,
             idle_s=settings.timeout_idle_s,
             frame_s=settings.timeout_frame_s,
+            proxy=ProxyPolicy.from_setting(
+                settings.proxy_protocol, settings.proxy_trusted, settings.timeout_proxy_header_s
+            ),
         )
 
 
@@ -93,16 +98,10 @@ def source_key(peername: object) -> str:
     (one host usually holds a whole /64), IPv4-mapped IPv6 counted as IPv4."""
     if not isinstance(peername, tuple) or not peername:
         return ""
-    host = str(peername[0])
-    if ":" not in host:
-        return host
-    try:
-        addr = ipaddress.IPv6Address(host.split("%", 1)[0])
-    except ValueError:
-        return host
-    if addr.ipv4_mapped is not None:
-        return str(addr.ipv4_mapped)
-    return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return Peer.direct(peername).source
+
+
+Factory = Callable[[], asyncio.BaseProtocol]
 
 
 class _Entry:
@@ -133,6 +132,14 @@ class ConnectionHub:
         self._connections: dict[Connection, _Entry] = {}
         self._sources: dict[str, int] = {}
         self._draining = False
+        # PROXY protocol: connections whose header is still awaited (they hold a slot of
+        # limit_connections), and the client each handed-off transport was found to be from.
+        self._pending = 0
+        self._proxied: dict[object, Peer] = {}
+        self.gate: GateContext | None = None
+        if limits.proxy.on:
+            results = {r: metrics.proxy_headers.labels(*labels, r) for r in PROXY_RESULTS}
+            self.gate = GateContext(limits.proxy, self, results)
         self._empty = asyncio.Event()
         self._empty.set()
         self._sweeper: asyncio.Task[None] | None = None
@@ -140,13 +147,18 @@ class ConnectionHub:
     def __len__(self) -> int:
         return len(self._connections)
 
-    def admit(self, conn: Connection, peername: object) -> bool:
-        """Register a new connection; False (counted by reason) when it must be refused."""
-        source = source_key(peername)
+    def admit(self, conn: Connection, peername: object, transport: object = None) -> Peer | None:
+        """Register a new connection; who it is from (the client a PROXY header named for
+        ``transport``, else the socket's peer), or None (counted by reason) when it must be
+        refused."""
+        peer = self._proxied.pop(transport, None) if transport is not None else None
+        if peer is None:
+            peer = Peer.direct(peername)
+        source = peer.source
         from_source = self._sources.get(source, 0)
         if self._draining:
             reason = "draining"
-        elif len(self._connections) >= self.limits.connections:
+        elif len(self._connections) + self._pending >= self.limits.connections:
             reason = "limit"
         elif from_source >= self.limits.per_source:
             reason = "per_source"
@@ -158,9 +170,31 @@ class ConnectionHub:
             self._empty.clear()
             if self._sweeper is None:
                 self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
-            return True
+            return peer
         self._rejected[reason].inc()
-        return False
+        return None
+
+    # -- PROXY protocol (see .proxy) ------------------------------------------------------
+    def wrap(
+        self, factory: Callable[[], asyncio.BaseProtocol]
+    ) -> Callable[[], asyncio.BaseProtocol]:
+        """The listener's protocol factory: behind the PROXY protocol gate when it is on."""
+        return factory if self.gate is None else self.gate.wrap(factory)
+
+    def hold(self) -> bool:
+        """A connection awaits its PROXY header: it takes a slot of ``limit_connections``."""
+        if self._draining or len(self._connections) + self._pending >= self.limits.connections:
+            self._rejected["draining" if self._draining else "limit"].inc()
+            return False
+        self._pending += 1
+        return True
+
+    def unhold(self) -> None:
+        self._pending -= 1
+
+    def expect(self, transport: object, peer: Peer) -> None:
+        """The connection about to be admitted on ``transport`` is from ``peer``."""
+        self._proxied[transport] = peer
 
     def release(self, conn: Connection) -> None:
         entry = self._connections.pop(conn, None)

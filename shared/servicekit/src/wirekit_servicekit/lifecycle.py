@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 from collections.abc import Awaitable, Callable, Sequence
 
 from .hub import ConnectionHub, drain
@@ -49,6 +50,25 @@ async def _supervised(part: Background) -> None:
         log.exception("background task failed", extra={"task": part.name})
 
 
+def dual_stack_socket(port: int, shared: bool) -> socket.socket:
+    """A TCP socket bound to ``::`` that takes IPv6 and IPv4 clients alike (``IPV6_V6ONLY``
+    off): ``host = "::"`` means every address of both families. IPv4 clients appear as
+    IPv4-mapped addresses (``::ffff:192.0.2.1``), which every decision and record shows as the
+    IPv4 address (:func:`~.proxy.normalise`)."""
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if shared:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(("::", port))
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class _Serving:
     """One run of :func:`run`: what it bound and started, so that its end closes all of it."""
 
@@ -76,10 +96,15 @@ class _Serving:
                 self.endpoints.append(transport)
                 bound[part.name] = transport.get_extra_info("sockname")[1]
                 continue
-            server = await loop.create_server(
-                part.factory, part.host, port, reuse_address=True, reuse_port=shared,
-                backlog=1024, ssl=part.ssl,
-            )  # fmt: skip
+            factory = part.hub.wrap(part.factory)
+            if part.host == "::":  # both families on one socket (asyncio would make it v6-only)
+                sock = dual_stack_socket(port, shared)
+                server = await loop.create_server(factory, sock=sock, backlog=1024, ssl=part.ssl)
+            else:
+                server = await loop.create_server(
+                    factory, part.host, port, reuse_address=True, reuse_port=shared,
+                    backlog=1024, ssl=part.ssl,
+                )  # fmt: skip
             self.servers.append(server)
             bound[part.name] = server.sockets[0].getsockname()[1]
         return bound

@@ -65,6 +65,11 @@ class ConnectionMetrics:
             "connections_rejected", "TCP connections closed at once, by reason.",
             (*names, "reason"), namespace=namespace, registry=registry,
         )  # fmt: skip
+        self.proxy_headers = Counter(
+            "proxy_headers", "PROXY protocol headers (proxy_protocol on), by result: accepted, "
+            "local (the proxy's health check), or why the connection was closed.",
+            (*names, "result"), namespace=namespace, registry=registry,
+        )  # fmt: skip
 
 
 class Cell:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Self, TypeVar, get_args
 
-from pydantic import Field, SecretBytes, SecretStr, ValidationError
+from pydantic import Field, IPvAnyNetwork, SecretBytes, SecretStr, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -259,6 +259,32 @@ class TcpServiceSettings(ServiceSettings):
         ge=0,
         description="On SIGTERM/SIGINT: time open connections get to finish before being closed.",
     )
+    proxy_protocol: Literal["off", "v1", "v2", "any"] = Field(
+        "off",
+        description="Behind a load balancer that sends the PROXY protocol (HAProxy send-proxy "
+        "or send-proxy-v2, nginx stream, Envoy, cloud load balancers): the header version "
+        "expected before each connection's first byte (any: v1 or v2). The client it names is "
+        "then the address of every limit, log, span and audit record. Needs proxy_trusted.",
+    )
+    proxy_trusted: list[IPvAnyNetwork] = Field(
+        default=[],
+        description="Networks (CIDRs, JSON list) of the proxies allowed to send the header; a "
+        "connection from any other address is closed (it could choose its address).",
+    )
+    timeout_proxy_header_s: float = Field(
+        3.0,
+        gt=0,
+        description="A connection must have sent its complete PROXY header within this time.",
+    )
+
+    @model_validator(mode="after")
+    def _proxies_named(self) -> Self:
+        if self.proxy_protocol != "off" and not self.proxy_trusted:
+            raise ValueError(
+                "proxy_protocol needs proxy_trusted: the networks of the proxies that may "
+                "send the header (a header from anyone else would let them pick an address)"
+            )
+        return self
 
     @property
     def drain_grace_s(self) -> float:

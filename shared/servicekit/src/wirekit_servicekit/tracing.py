@@ -21,6 +21,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.util.types import AttributeValue
 
+from .proxy import Peer
+
 __all__ = ["connection_span", "setup_tracing"]
 
 log = logging.getLogger(__name__)
@@ -59,21 +61,27 @@ def setup_tracing(
 def connection_span(
     tracer: trace.Tracer,
     name: str,
-    peername: object,
+    peer: Peer,
     sockname: object,
     attributes: Mapping[str, AttributeValue] | None = None,
     start_time: int | None = None,
 ) -> trace.Span:
-    """Start a SERVER span for one TCP connection, with OTel network attributes.
+    """Start a SERVER span for one TCP connection, with OTel network attributes: the client
+    (``client.*``) and the socket's peer (``network.peer.*``: the proxy behind the PROXY
+    protocol, else the client too).
 
     ``start_time`` (ns since the epoch) lets a protocol create the span late, when it first
     needs it, yet time it from the connection's start: a recording span costs ~3 KB, which an
     idle connection need not hold."""
-    attrs: dict[str, AttributeValue] = {"network.transport": "tcp"}
-    if isinstance(peername, tuple) and len(peername) >= 2:
-        attrs["network.peer.address"] = str(peername[0])
-        attrs["network.peer.port"] = int(peername[1])
-        attrs["network.type"] = "ipv6" if ":" in str(peername[0]) else "ipv4"
+    socket_peer = peer.proxy or (peer.address, peer.port)
+    attrs: dict[str, AttributeValue] = {
+        "network.transport": "tcp",
+        "client.address": peer.address,
+        "client.port": peer.port,
+        "network.peer.address": socket_peer[0],
+        "network.peer.port": socket_peer[1],
+        "network.type": "ipv6" if ":" in socket_peer[0] else "ipv4",
+    }
     if isinstance(sockname, tuple) and len(sockname) >= 2:
         attrs["server.address"] = str(sockname[0])
         attrs["server.port"] = int(sockname[1])
