@@ -308,15 +308,17 @@ def test_proxy_profile_is_opt_in_loopback_only_and_hardened(files: tuple[str, ..
 
 def _free_subnet(client: docker.DockerClient) -> str:
     """The profile's default subnet, or the next /24 no Docker network uses (a `make up` of the
-    checkout with compose v1 holds the default one: v1 creates every network in the file)."""
+    checkout with compose v1 holds the default one: v1 creates every network in the file). In
+    10.89.0.0/16: outside Docker's default address pools (172.17-31.0.0/16, 192.168.0.0/16),
+    from which compose takes the project's other networks while this one is made."""
     taken = [ipaddress.ip_network(config["Subnet"]) for network in client.networks.list()
              for config in (network.attrs.get("IPAM") or {}).get("Config") or []
              if "Subnet" in config]  # fmt: skip
     for third in range(89, 256):
-        candidate = ipaddress.ip_network(f"172.30.{third}.0/24")
+        candidate = ipaddress.ip_network(f"10.89.{third}.0/24")
         if not any(candidate.overlaps(net) for net in taken):
             return str(candidate)
-    pytest.fail(f"no free /24 in 172.30.89.0-172.30.255.0 for the proxy network: {taken}")
+    pytest.fail(f"no free /24 in 10.89.89.0-10.89.255.0 for the proxy network: {taken}")
 
 
 @pytest.fixture
