@@ -208,6 +208,12 @@ MUTANTS = [
            "        if self.running_by_identity.get(identity.name, 0) >= identity.limit_runs:",
            "        if False:", CX_T + "/test_identities.py"),
     # udp
+    Mutant("udp: our own answer coming back is answered", UD + "defences.py",
+           "        return entry is not None and now - entry[1] < self.window_s and entry[0] == data",
+           "        return False", UDP_T + "/test_loops.py"),
+    Mutant("udp: answers from the routing table's address", UD + "pktinfo.py",
+           "            self._reply = _reply_from(ancillary)", "            self._reply = []",
+           UDP_T + "/test_loops.py -k address_that_was_asked"),
     Mutant("udp: privileged source ports answered", UD + "protocol.py",
            "        elif port < self.min_port:", "        elif False:", UDP_T),
     Mutant("udp: broadcast sources answered", UD + "defences.py",

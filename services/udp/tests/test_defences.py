@@ -109,3 +109,34 @@ def test_deny_privileged_ports_can_be_turned_off() -> None:
     proto.datagram_received(b"x", ("127.0.0.1", 999))
     proto.datagram_received(b"x", ("127.0.0.1", 19))  # still in the deny list
     assert transport.sent == [(b"x", ("127.0.0.1", 999))]
+
+
+def test_forty_thousand_distinct_sources_keep_every_table_bounded() -> None:
+    """A spray from 40,000 addresses (every one answered once, within one loop window): the
+    rate-limit table and the loop defence's answers stay within limit_sources each window, and
+    what they hold does not grow with the number of sources."""
+    import tracemalloc
+
+    settings = UdpSettings(limit_sources=1000, rate_global=1e9, burst_global=10**9)
+    now = [0.0]
+    ctx = UdpContext.build(settings, CollectorRegistry(), TracerProvider().get_tracer("t"),
+                           clock=lambda: now[0])  # fmt: skip
+    proto = UdpEcho(ctx)
+    transport = FakeTransport()
+    transport.sendto = lambda data, addr: None  # type: ignore[method-assign]  # keep nothing
+    proto.connection_made(transport)  # type: ignore[arg-type]
+    tracemalloc.start()
+    try:
+        held = []
+        for i in range(40_000):
+            now[0] = i * 1e-6  # 40 ms in all: one loop window
+            proto.datagram_received(
+                b"spray", (f"10.{i // 65536}.{i // 256 % 256}.{i % 256}", 40000)
+            )
+            if i in (9_999, 39_999):
+                held.append(tracemalloc.get_traced_memory()[0])
+    finally:
+        tracemalloc.stop()
+    assert len(ctx.limiter) == 1000
+    assert len(ctx.loop) <= 1000
+    assert held[1] <= held[0] * 1.2 + 65536  # 30,000 more sources, no more memory

@@ -88,8 +88,8 @@ async def test_rate_limit_holds_under_a_flood_while_another_source_is_served(
             with _sock(("127.0.0.2", 0)) as s:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
                 started = time.monotonic()
-                for _ in range(10_000):
-                    s.sendto(b"flood", dest)
+                for i in range(10_000):  # distinct bytes: a flood, not a loop
+                    s.sendto(b"flood %d" % i, dest)
                 elapsed = time.monotonic() - started
                 s.settimeout(0.5)
                 answered = 0
@@ -145,9 +145,9 @@ async def test_source_table_stays_bounded_under_many_sources_and_ports(start_udp
                 s.sendto(b"x", dest)
             sent += 1
             await paced()
-        for _ in range(200):  # 200 source ports of one address: still one entry
-            with _sock() as s:
-                s.sendto(b"y", dest)
+        for i in range(200):  # 200 source ports of one address: still one entry
+            with _sock() as s:  # (distinct bytes: the kernel may hand out a port again)
+                s.sendto(b"y%d" % i, dest)
             sent += 1
             await paced()
         await h.wait_for(lambda: h.value("udp_datagrams_received_total") == 500)
@@ -258,3 +258,33 @@ def test_a_burst_the_kernel_drops_is_counted(receive_buffer: int | None, all_que
         proc.popen.send_signal(signal.SIGTERM)
         assert proc.popen.wait(10) == 0
         proc.assert_clean_log()
+
+
+@pytest.mark.parametrize(
+    ("bind", "client", "family"),
+    [("::1", "::1", socket.AF_INET6), ("::", "127.0.0.1", socket.AF_INET)],
+    ids=["ipv6", "ipv4-mapped-on-dual-stack"],
+)
+async def test_the_defences_hold_over_ipv6_and_dual_stack(
+    start_udp: StartUdp, bind: str, client: str, family: socket.AddressFamily
+) -> None:
+    """The per-source limit over ::1, and an IPv4 client of a dual-stack socket (it arrives
+    as ::ffff:127.0.0.1) judged as IPv4: one source, limited by its own bucket."""
+    async with start_udp(host=bind, burst_per_source=5, rate_per_source=0.001) as h:
+
+        def burst() -> int:
+            with socket.socket(family, socket.SOCK_DGRAM) as s:
+                s.settimeout(0.3)
+                answered = 0
+                for i in range(10):
+                    s.sendto(b"n%d" % i, (client, h.port))
+                    try:
+                        s.recv(100)
+                        answered += 1
+                    except TimeoutError:
+                        pass
+                return answered
+
+        assert await asyncio.to_thread(burst) == 5
+        assert h.value("udp_datagrams_dropped_total", reason="rate_limit_source") == 5
+        assert h.value("udp_tracked_sources") == 1

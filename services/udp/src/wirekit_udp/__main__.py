@@ -7,6 +7,7 @@ import asyncio
 from wirekit_servicekit import Background, DatagramListener, Part, Runtime, Service
 
 from . import __version__
+from .pktinfo import open_pktinfo_endpoint
 from .protocol import UdpContext, UdpEcho
 from .settings import UdpSettings
 
@@ -27,7 +28,13 @@ def build(runtime: Runtime[UdpSettings]) -> list[Part]:
             ctx.reporter.flush_all(loop.time())
 
     return [
-        DatagramListener("udp", settings.host, settings.port, lambda: UdpEcho(ctx)),
+        DatagramListener(
+            "udp",
+            settings.host,
+            settings.port,
+            lambda: UdpEcho(ctx),
+            open_pktinfo_endpoint(settings.max_datagram_size),
+        ),
         Background("drop reports", flush_reports),
     ]
 

@@ -20,7 +20,7 @@ from wirekit_servicekit import HotCounter
 from wirekit_servicekit.metrics import Cell
 from wirekit_servicekit.ratelimit import SourceLimiter, TokenBucket
 
-from .defences import is_broadcast_or_multicast
+from .defences import LoopGuard, is_broadcast_or_multicast, source_key
 from .kernel import SocketStats
 from .settings import UdpSettings
 
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 #: Why a datagram got no answer: the ``reason`` label of udp_datagrams_dropped_total.
 DROP_REASONS = (
-    "oversize", "privileged_port", "denied_port", "broadcast_multicast",
+    "oversize", "privileged_port", "denied_port", "broadcast_multicast", "loop",
     "rate_limit_source", "rate_limit_global", "send_error",
 )  # fmt: skip
 
@@ -115,6 +115,7 @@ class UdpContext:
     limiter: SourceLimiter
     reporter: DropReporter
     global_bucket: TokenBucket
+    loop: LoopGuard
     clock: Callable[[], float]
     max_size: int
     min_port: int
@@ -137,6 +138,7 @@ class UdpContext:
             limiter=limiter,
             reporter=DropReporter(tracer, settings.report_interval_s),
             global_bucket=TokenBucket(settings.rate_global, settings.burst_global, 0.0),
+            loop=LoopGuard(settings.loop_window_s, settings.limit_sources),
             clock=clock,
             max_size=settings.max_datagram_size,
             min_port=1024 if settings.deny_privileged_ports else 0,
@@ -157,11 +159,14 @@ class UdpEcho(asyncio.DatagramProtocol):
         self.deny_ports = ctx.deny_ports
         self.check_source = ctx.check_source
         self.global_bucket = ctx.global_bucket
+        self.loop = ctx.loop
         self.transport: asyncio.DatagramTransport | None = None
+        self.sends_empty = False  # asyncio's transport skips empty datagrams
         self._time = ctx.clock
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.sends_empty = bool(getattr(transport, "sends_empty", False))
         sock = transport.get_extra_info("socket")
         if sock is not None:  # a real socket (tests drive the protocol with a fake transport)
             self.stats.socket.attach(sock, *self.ctx.buffers)
@@ -194,16 +199,21 @@ class UdpEcho(asyncio.DatagramProtocol):
             reason = "broadcast_multicast"
         else:
             now = self._time()
-            if not self.global_bucket.take(now):
+            host = addr[0]
+            if self.loop.reflected(data, addr, now):
+                reason = "loop"
+            elif not self.global_bucket.take(now):
                 reason = "rate_limit_global"
-            elif not self.limiter.allow(addr[0], now):
+            elif not self.limiter.allow(host if ":" not in host else source_key(host), now):
                 reason = "rate_limit_source"
             else:
-                assert self.transport is not None
-                if n:
-                    self.transport.sendto(data, addr)  # the same bytes: never larger
+                transport = self.transport
+                assert transport is not None
+                if n or self.sends_empty:
+                    transport.sendto(data, addr)  # the same bytes: never larger
                 else:
                     self._send_empty(addr)
+                self.loop.answered(data, addr, now)
                 stats.sent.n += 1
                 stats.sent_bytes.n += n
                 return

@@ -44,6 +44,13 @@ class UdpSettings(ServiceSettings):
     deny_broadcast_multicast: bool = Field(
         True, description="Drop datagrams whose source is broadcast, multicast or unspecified."
     )
+    loop_window_s: float = Field(
+        0.05, gt=0,
+        description="Loop defence: a datagram from the address and port answered within this "
+        "time, holding exactly the bytes of that answer, is the answer coming back (another "
+        "echo service; a loop started with a spoofed datagram) and is dropped. The same bytes "
+        "sent again after this time are answered.",
+    )  # fmt: skip
     rate_per_source: float = Field(
         50.0, gt=0, description="Datagrams per second answered per source address (token bucket)."
     )

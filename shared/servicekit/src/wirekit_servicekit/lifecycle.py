@@ -90,9 +90,12 @@ class _Serving:
                 continue
             port = self.worker.ports.get(part.name, part.port)
             if isinstance(part, DatagramListener):
-                transport, _ = await loop.create_datagram_endpoint(
-                    part.factory, local_addr=(part.host, port), reuse_port=shared
-                )
+                if part.open is not None:
+                    transport = await part.open(part.factory, part.host, port, shared)
+                else:
+                    transport, _ = await loop.create_datagram_endpoint(
+                        part.factory, local_addr=(part.host, port), reuse_port=shared
+                    )
                 self.endpoints.append(transport)
                 bound[part.name] = transport.get_extra_info("sockname")[1]
                 continue

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,14 +34,23 @@ class Background:
     factory: Callable[[], Coroutine[Any, Any, None]]
 
 
+#: How a service opens a datagram endpoint of its own: (factory, host, port, reuse_port).
+OpenDatagram = Callable[
+    [Callable[[], asyncio.DatagramProtocol], str, int, bool], Awaitable[asyncio.BaseTransport]
+]
+
+
 @dataclass(frozen=True)
 class DatagramListener:
-    """One UDP endpoint: ``factory`` builds its DatagramProtocol. Stateless: nothing to drain."""
+    """One UDP endpoint: ``factory`` builds its DatagramProtocol. Stateless: nothing to drain.
+    ``open`` replaces asyncio's endpoint when the service needs its own (udp: answers from the
+    arrival address on a wildcard bind)."""
 
     name: str
     host: str
     port: int
     factory: Callable[[], asyncio.DatagramProtocol]
+    open: OpenDatagram | None = None
 
 
 @dataclass(frozen=True)
