@@ -20,7 +20,7 @@ COMPOSE     ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker co
 STACK_NAME  ?= wirekit
 STACK       := $(COMPOSE) -p $(STACK_NAME) -f deploy/compose.yaml $(if $(OFFLINE),-f deploy/compose.offline.yaml) $(foreach p,$(PROFILES),--profile $(p))
 
-.PHONY: FORCE help install run check test lint fmt lock clean wheelhouse images base-image up down stack-up stack-down bench soak mutants
+.PHONY: FORCE help install run check test lint fmt lock clean wheelhouse images base-image up down stack-up stack-down bench bench-udp soak mutants
 .DEFAULT_GOAL := help
 
 #: The virtualenv is up to date when this stamp is newer than the pins and the members' metadata.
@@ -85,6 +85,9 @@ bench: $(READY) ## the benchmark matrix (~15 min, loopback): bench/results/lates
 	$(MAKE) --no-print-directory $(HELPER)
 	$(BIN)/pip install -q --disable-pip-version-check --require-hashes -r requirements/bench.txt
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+bench-udp: $(READY) ## udp alone, before/after: BENCH_ARGS='--baseline REV' (bench/udp_bench.py, ~2 min)
+	$(BIN)/python bench/udp_bench.py $(BENCH_ARGS)
 
 soak: $(READY) ## 1,000 concurrent framed connections x 20 random frames, twice, byte-exact; RSS and fds (bench/soak.py)
 	$(BIN)/python bench/soak.py $(SOAK_ARGS)

@@ -106,6 +106,7 @@ class PingPong(asyncio.Protocol):
 class UdpPing(asyncio.DatagramProtocol):
     def __init__(self, msg: bytes, stats: Stats, interval: float, deadline: float) -> None:
         self.msg, self.stats, self.interval, self.deadline = msg, stats, interval, deadline
+        self.base, self.seq = msg, 0
         self.loop = asyncio.get_running_loop()
         self.done = self.loop.create_future()
         self.timer: asyncio.TimerHandle | None = None
@@ -127,6 +128,11 @@ class UdpPing(asyncio.DatagramProtocol):
                 self.done.set_result(None)
             return
         self.sent_at = time.perf_counter()
+        # A sequence number in the first bytes, as probes send: the same bytes back to back
+        # from one socket within 50 ms are taken for an echo loop by wirekit-udp (loop_window_s).
+        self.seq += 1
+        head = self.seq.to_bytes(8, "big")[: len(self.base)]
+        self.msg = head + self.base[len(head) :]
         self.transport.sendto(self.msg)  # type: ignore[attr-defined]
         self.timer = self.loop.call_later(0.2, self.timeout)
 

@@ -170,6 +170,10 @@ def checkout(rev: str, workdir: Path) -> Path:
     archive = subprocess.run(["git", "archive", rev], cwd=HERE.parent, check=True,
                              capture_output=True).stdout  # fmt: skip
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    # _version.py is generated at install time, not committed: give the baseline's packages one.
+    version = (dest / "VERSION").read_text().strip()
+    for package in dest.glob("*/*/src/wirekit_*"):
+        (package / "_version.py").write_text(f'__version__ = "{version}"\n')
     return dest
 
 

@@ -115,6 +115,27 @@ def test_one_spoofed_datagram_between_two_wirekit_udp_costs_two_datagrams() -> N
         b.assert_clean_log()
 
 
+def test_several_spoofed_datagrams_at_once_cost_two_answers_each() -> None:
+    """Five different payloads spoofed in a row: every loop ends after its two answers
+    (found by review: keyed on the last answer only, two payloads in flight looped on)."""
+    payloads = [b"loop %d" % i for i in range(5)]
+    with _udp() as a, _udp() as b:
+        pa, pb = a.ports["udp"], b.ports["udp"]
+        wire = Wire({pa, pb})
+        try:
+            time.sleep(0.2)
+            for payload in payloads:
+                spoofed_udp(("127.0.0.1", pa), ("127.0.0.1", pb), payload)
+            wait_until(lambda: b.value("udp_datagrams_dropped_total", reason="loop") == 5, 10,
+                       "B dropped every reflection")  # fmt: skip
+            time.sleep(WATCH_S)
+        finally:
+            wire.close()
+        assert len(wire.seen) == 15  # 5 spoofed, 5 answers from B, 5 from A
+        assert b.value("udp_datagrams_sent_total") == 5
+        assert a.value("udp_datagrams_sent_total") == 5
+
+
 def test_a_spoofed_datagram_from_xinetds_echo_port_is_not_answered() -> None:
     """A plain echo on the well-known port (xinetd's echo-dgram, inetd's): source port 7 is
     refused before any answer (privileged, and on the deny list) -- the bound there is 0. (The

@@ -34,6 +34,10 @@ WEAK = [
     pytest.param("550e8400-e29b-41d4-a716-446655440000", id="uuid"),
     pytest.param("0123456789abcdef0123456789ab", id="hex-14-bytes"),
     pytest.param("20261202", id="date"),
+    # Longer than zxcvbn judges at once (72): judged piece by piece (found by review).
+    pytest.param("a" * 110, id="long-repeat"),
+    pytest.param("password" * 20, id="long-words"),
+    pytest.param("0123456789" * 13, id="long-sequence"),
 ]
 
 

@@ -34,28 +34,40 @@ def test_the_rule(steps: list[tuple[float, bytes, bool]], want: list[bool]) -> N
     guard = LoopGuard(0.05, 100)
     got = []
     for at, data, answer in steps:
-        got.append(guard.reflected(data, A, at))
+        got.append(guard.reflected(LoopGuard.key(data, A), at))
         if answer and not got[-1]:
-            guard.answered(data, A, at)
+            guard.answered(LoopGuard.key(data, A), at)
     assert got == want
+
+
+def test_several_answers_in_flight_are_all_recognised() -> None:
+    """Two spoofed datagrams with different bytes at once: each reflection is one of our
+    answers, not only the last one."""
+    guard = LoopGuard(0.05, 100)
+    guard.answered(LoopGuard.key(b"first", A), 0.0)
+    guard.answered(LoopGuard.key(b"second", A), 0.0001)
+    assert guard.reflected(LoopGuard.key(b"first", A), 0.001)
+    assert guard.reflected(LoopGuard.key(b"second", A), 0.001)
+    assert not guard.reflected(LoopGuard.key(b"third", A), 0.001)
 
 
 def test_the_port_counts_too() -> None:
     guard = LoopGuard(0.05, 100)
-    guard.answered(b"x", A, 0.0)
-    assert not guard.reflected(b"x", B, 0.001)
-    assert guard.reflected(b"x", A, 0.001)
+    guard.answered(LoopGuard.key(b"x", A), 0.0)
+    assert not guard.reflected(LoopGuard.key(b"x", B), 0.001)
+    assert guard.reflected(LoopGuard.key(b"x", A), 0.001)
 
 
 def test_memory_is_two_windows_of_at_most_limit_answers() -> None:
     guard = LoopGuard(0.05, 100)
     for i in range(1000):
         now = i * 0.0001  # 1,000 answers within 0.1 s: two windows
-        guard.reflected(b"x", (f"10.0.{i // 250}.{i % 250}", 1), now)
-        guard.answered(b"x", (f"10.0.{i // 250}.{i % 250}", 1), now)
+        key = LoopGuard.key(b"x", (f"10.0.{i // 250}.{i % 250}", 1))
+        guard.reflected(key, now)
+        guard.answered(key, now)
     assert len(guard) <= 200
-    guard.reflected(b"x", A, 1.0)  # long after: both windows have gone
-    guard.reflected(b"x", A, 1.1)
+    guard.reflected(LoopGuard.key(b"x", A), 1.0)  # long after: both windows have gone
+    guard.reflected(LoopGuard.key(b"x", A), 1.1)
     assert len(guard) == 0
 
 

@@ -565,3 +565,16 @@ def test_a_worker_detached_during_a_scrape_is_not_counted_twice(endpoints: Endpo
     # Worker 0's 3 (its last scrape, retired) and worker 1's 4, and never down from one
     # scrape to the next. (Got [10.0, 7.0]: worker 0 counted live and retired at once.)
     assert counted == [7.0, 7.0]
+
+
+def test_a_worker_that_misses_a_scrape_counts_with_its_last_values(endpoints: Endpoints) -> None:
+    """A worker that does not answer one scrape (busy, dying, not reaped yet) is counted with
+    what it had at its last one: the instance's counter never dips (found by review)."""
+    metrics = InstanceMetrics("demo", 2)
+    fakes = [Metrics(w) for w in WORKERS]
+    for i, fake in enumerate(fakes):
+        metrics.attach(i, endpoints.start(fake).port, {})
+    key = k("demo_requests_total", mode="raw")
+    first = scrape(metrics)[key]
+    metrics.slots[1].metrics_port = 1  # nobody listens there: the scrape of worker 1 fails
+    assert scrape(metrics)[key] == first

@@ -17,6 +17,8 @@ import ssl
 import sys
 from collections.abc import Sequence
 
+from pydantic import SecretStr
+
 from wirekit_servicekit import (
     Background,
     ConnectionHub,
@@ -140,13 +142,13 @@ def build(runtime: Runtime[CmdexecSettings]) -> list[Part]:
             svc.count_kills()
 
     return [
-        Listener("cmdexec", settings.host, settings.port, factory, svc.hub),
+        Listener("cmdexec", settings.host, settings.port, factory, svc.hub, tls_later=True),
         Background("process sweep", sweep),
         Reload(lambda: reload(svc, settings, worker.share)),
     ]
 
 
-def refuse_unsafe_start(settings: CmdexecSettings) -> None:
+def refuse_unsafe_start(settings: CmdexecSettings) -> CmdexecSettings:
     """Before anything starts: no root unless meant; the token out of reach of commands."""
     if os.geteuid() == 0 and not settings.allow_root:
         print(
@@ -181,6 +183,10 @@ def refuse_unsafe_start(settings: CmdexecSettings) -> None:
     # Same-user commands must not read the token from our /proc files (environ, mem).
     make_undumpable()
     os.environ.pop("WIREKIT_CMDEXEC_TOKEN", None)
+    if settings.policy_file or (settings.token is not None and settings.token.get_secret_value()):
+        return settings
+    # No token: one for this run, made here, before workers are spawned (they all take it).
+    return settings.model_copy(update={"token": SecretStr(_token(settings))})
 
 
 def token_command(argv: Sequence[str]) -> int:
@@ -211,6 +217,7 @@ def token_command(argv: Sequence[str]) -> int:
 
 
 SERVICE = Service(NAME, __version__, CmdexecSettings, build, check=refuse_unsafe_start)
+serve = SERVICE.serve  # the in-process entry point of earlier releases, for tests and embedders
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -45,10 +45,15 @@ def _where(peer: Peer) -> dict[str, object]:
     return {"source": str(peer), "proxy": proxy}
 
 
-def auth_event(*, identity: str | None, peer: Peer, method: str | None, denied: str | None) -> None:
-    """An authentication attempt: allowed (``denied`` None) or denied and why."""
+def auth_event(
+    *, identity: str | None, peer: Peer, method: str | None, denied: str | None,
+    under_attack: bool = False,
+) -> None:  # fmt: skip
+    """An authentication attempt: allowed (``denied`` None) or denied and why; whether the
+    service was under a login attack (failures answered late) when it failed."""
     fields = {"event": "auth", "identity": identity, **_where(peer), "method": method,
-              "decision": "denied" if denied else "allowed", "reason": denied}  # fmt: skip
+              "decision": "denied" if denied else "allowed", "reason": denied,
+              "under_attack": under_attack}  # fmt: skip
     (audit.warning if denied else audit.info)("auth", extra=fields)
 
 

@@ -204,9 +204,11 @@ class Login:
         svc.metrics.auth_failures.labels(reason).inc()
         detail = detail or reason
         delay = guard.delay_s if reason == "rate_limited" else guard.failed(self.client.source)
-        if guard.under_attack and reason != "rate_limited":
-            detail += (f" (the service is under a login attack: failed logins are answered "
-                       f"after {delay:g} s)")  # fmt: skip
-        auth_event(identity=identity, peer=self.client, method=None, denied=detail)
+        attacked = guard.under_attack and reason != "rate_limited"
+        auth_event(identity=identity, peer=self.client, method=None, denied=detail,
+                   under_attack=attacked)  # fmt: skip
         await asyncio.sleep(delay)
+        if attacked:  # the client is told why the answer was slow; the audit keeps the reason
+            return (f"{detail} (the service is under a login attack: failed logins are answered "
+                    f"after {delay:g} s)")  # fmt: skip
         return detail

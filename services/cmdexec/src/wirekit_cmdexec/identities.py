@@ -57,6 +57,7 @@ from .policy import Policy
 from .runner import RunLimits
 from .settings import CmdexecSettings
 from .tokens import hash_token
+from .tokens import new_token as new_token  # where earlier releases had it
 
 TOKEN_HASH = re.compile(r"sha256:[0-9a-f]{64}")
 CERT_NAME = re.compile(r"(CN=|DNS:|email:|URI:).+")

@@ -137,7 +137,11 @@ class Connection:
         stopped reading."""
         transport = self.writer.transport
         login = Login(self.svc, self.reader, self.writer, self.client)
-        if self.svc.tls is not None and not await login.tls(self.svc.tls):
+        tls = self.svc.tls
+        if tls is None:
+            # Paused after a PROXY header for a TLS that is off (see Listener.tls_later).
+            transport.resume_reading()  # type: ignore[attr-defined]
+        elif not await login.tls(tls):
             return
         try:
             try:

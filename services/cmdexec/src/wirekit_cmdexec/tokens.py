@@ -81,16 +81,22 @@ def token_bits(token: str) -> float:
 
     chars = set(token)
     per_char = math.log2(next((n for n, alphabet in _ALPHABETS if chars <= alphabet), 95))
-    judged = token[:_ZXCVBN_MAX]
-    patterns = [
-        m for m in zxcvbn.zxcvbn(judged)["sequence"]
-        if m["pattern"] != "bruteforce" and len(m["token"]) >= PATTERN_MIN_CHARS
-    ]  # fmt: skip
-    in_patterns = sum(len(m["token"]) for m in patterns)
-    if in_patterns <= HUMAN_SHARE * len(judged):
-        return len(token) * per_char
-    pattern_bits = sum(math.log2(max(float(m["guesses"]), 1.0)) for m in patterns)
-    return pattern_bits + (len(token) - in_patterns) * per_char
+    # zxcvbn judges at most _ZXCVBN_MAX characters at a time: a longer token is judged piece by
+    # piece (so "a" * 110 is two repeats, not 72 characters of repeat and 38 of random).
+    total = 0.0
+    for start in range(0, len(token), _ZXCVBN_MAX):
+        piece = token[start : start + _ZXCVBN_MAX]
+        patterns = [
+            m for m in zxcvbn.zxcvbn(piece)["sequence"]
+            if m["pattern"] != "bruteforce" and len(m["token"]) >= PATTERN_MIN_CHARS
+        ]  # fmt: skip
+        in_patterns = sum(len(m["token"]) for m in patterns)
+        if in_patterns <= HUMAN_SHARE * len(piece):
+            total += len(piece) * per_char
+        else:
+            pattern_bits = sum(math.log2(max(float(m["guesses"]), 1.0)) for m in patterns)
+            total += pattern_bits + (len(piece) - in_patterns) * per_char
+    return total
 
 
 def prepare_token_judge() -> None:

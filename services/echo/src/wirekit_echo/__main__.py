@@ -32,6 +32,7 @@ def build(runtime: Runtime[EchoSettings]) -> list[Part]:
 
 SERVICE = Service("wirekit-echo", __version__, EchoSettings, build)
 main = SERVICE.main
+serve = SERVICE.serve  # the in-process entry point of earlier releases, for tests and embedders
 
 if __name__ == "__main__":
     main()

@@ -41,6 +41,7 @@ def build(runtime: Runtime[UdpSettings]) -> list[Part]:
 
 SERVICE = Service("wirekit-udp", __version__, UdpSettings, build)
 main = SERVICE.main
+serve = SERVICE.serve  # the in-process entry point of earlier releases, for tests and embedders
 
 if __name__ == "__main__":
     main()

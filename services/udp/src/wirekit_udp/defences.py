@@ -44,10 +44,11 @@ class LoopGuard:
 
     One datagram with a spoofed source (echo service A) sent to echo service B starts a loop: B
     answers A, A answers B, and so on. The rule that ends it: a datagram from the address and
-    port we answered within the last ``window_s``, holding exactly the bytes of that answer, is
-    that answer reflected back -- it is dropped (``loop``). Between two wirekit-udp the spoofed
-    datagram costs 2 datagrams on the wire (B's answer and A's); with a plain echo at the other
-    end, 2 as well (ours and its reflection), when the round trip is under ``window_s``.
+    port we answered within the last ``window_s``, holding exactly the bytes of one of our
+    answers to it then, is that answer reflected back -- it is dropped (``loop``). Between two
+    wirekit-udp the spoofed datagram costs 2 datagrams on the wire (B's answer and A's); with a
+    plain echo at the other end, 2 as well (ours and its reflection), when the round trip is
+    under ``window_s`` -- however many different spoofed datagrams are in flight at once.
 
     What is still answered: a client that sends the same bytes again after ``window_s`` (a
     person typing the same line twice, a prober with a constant payload at up to 1/window_s per
@@ -56,9 +57,11 @@ class LoopGuard:
     per window to such a client). A loop whose round trip is longer than ``window_s`` is not
     seen here; its rate is one datagram per round trip, bounded by the per-source rate limits.
 
-    Memory: the answers of the current and the previous window, at most ``limit`` each (the
-    datagrams themselves are kept, not copied: they are freed after two windows); beyond
-    ``limit`` answers in one window, the rest are not remembered until the next.
+    Memory: one timestamp per hash of (address, port, bytes) answered in the current and the
+    previous window, at most ``limit`` each window (beyond ``limit`` answers in one window the
+    rest are not remembered until the next); no datagram is kept. The hash is Python's
+    (SipHash, seeded per process: a sender cannot aim collisions at it; a collision within one
+    window would only drop one datagram).
     """
 
     __slots__ = ("_current", "_previous", "_swap_at", "limit", "window_s")
@@ -66,23 +69,32 @@ class LoopGuard:
     def __init__(self, window_s: float, limit: int) -> None:
         self.window_s = window_s
         self.limit = limit
-        # Keyed by the address tuple as the socket gives it (IPv6: with flow info and scope).
-        self._current: dict[tuple[Any, ...], tuple[bytes, float]] = {}
-        self._previous: dict[tuple[Any, ...], tuple[bytes, float]] = {}
+        # hash of (address tuple as the socket gives it, bytes) -> when we answered it: ints
+        # and floats only, nothing for the garbage collector to walk at 20,000 answers/s.
+        self._current: dict[int, float] = {}
+        self._previous: dict[int, float] = {}
         self._swap_at = 0.0
 
     def __len__(self) -> int:
         return len(self._current) + len(self._previous)
 
-    def reflected(self, data: bytes, addr: tuple[Any, ...], now: float) -> bool:
-        """Whether ``data`` from ``addr`` is our answer to ``addr`` coming back."""
+    @staticmethod
+    def key(data: bytes, addr: tuple[Any, ...]) -> int:
+        """What is remembered of an answer of ``data`` to ``addr`` (computed once per datagram:
+        the same key asks whether it came back and records the answer)."""
+        return hash((addr, data))
+
+    def reflected(self, key: int, now: float) -> bool:
+        """Whether the datagram ``key`` stands for is one of our answers coming back."""
         if now >= self._swap_at:
             self._previous, self._current = self._current, {}
             self._swap_at = now + self.window_s
-        entry = self._current.get(addr) or self._previous.get(addr)
-        return entry is not None and now - entry[1] < self.window_s and entry[0] == data
+        when = self._current.get(key)
+        if when is None:
+            when = self._previous.get(key)
+        return when is not None and now - when < self.window_s
 
-    def answered(self, data: bytes, addr: tuple[Any, ...], now: float) -> None:
+    def answered(self, key: int, now: float) -> None:
         current = self._current
         if len(current) < self.limit:
-            current[addr] = (data, now)
+            current[key] = now

@@ -163,6 +163,9 @@ class UdpEcho(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
         self.sends_empty = False  # asyncio's transport skips empty datagrams
         self._time = ctx.clock
+        # the per-datagram cells, one attribute away
+        self._received, self._received_bytes = ctx.metrics.received, ctx.metrics.received_bytes
+        self._sent, self._sent_bytes = ctx.metrics.sent, ctx.metrics.sent_bytes
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -184,10 +187,9 @@ class UdpEcho(asyncio.DatagramProtocol):
             self.stats.dropped["send_error"].n += 1
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        stats = self.stats
         n = len(data)
-        stats.received.n += 1
-        stats.received_bytes.n += n
+        self._received.n += 1
+        self._received_bytes.n += n
         port = addr[1]
         if n > self.max_size:
             reason = "oversize"
@@ -200,7 +202,9 @@ class UdpEcho(asyncio.DatagramProtocol):
         else:
             now = self._time()
             host = addr[0]
-            if self.loop.reflected(data, addr, now):
+            loop = self.loop
+            key = hash((addr, data))  # LoopGuard.key, inlined on the hot path
+            if loop.reflected(key, now):
                 reason = "loop"
             elif not self.global_bucket.take(now):
                 reason = "rate_limit_global"
@@ -213,11 +217,11 @@ class UdpEcho(asyncio.DatagramProtocol):
                     transport.sendto(data, addr)  # the same bytes: never larger
                 else:
                     self._send_empty(addr)
-                self.loop.answered(data, addr, now)
-                stats.sent.n += 1
-                stats.sent_bytes.n += n
+                loop.answered(key, now)
+                self._sent.n += 1
+                self._sent_bytes.n += n
                 return
-        stats.dropped[reason].n += 1
+        self.stats.dropped[reason].n += 1
         self.reporter.drop(reason, addr, self._time())
 
     def error_received(self, exc: Exception) -> None:

@@ -234,12 +234,16 @@ class InstanceMetrics(Collector):
             # A worker detached during the scrape: its counts are in ``retired`` now.
             live = [(i, families) for i, generation, families in scraped
                     if self.slots[i].generation == generation]  # fmt: skip
-            for slot in self.slots:
-                modes.update(slot.modes)
-                for name, values in slot.retired.items():
+            # A worker that did not answer this scrape (busy, dying, not reaped yet) counts
+            # with what it had at its last one: a counter must not dip.
+            missed = [self.slots[i].last for i, families in live if not families]
+            for values_by_family in [s.retired for s in self.slots] + missed:
+                for name, values in values_by_family.items():
                     into = retired.setdefault(name, {})
                     for key, value in values.items():
                         into[key] = into.get(key, 0.0) + value
+            for slot in self.slots:
+                modes.update(slot.modes)
         yield from combine(live, modes, retired)
         up = GaugeMetricFamily(
             f"{self.namespace}_workers", "Worker processes: configured, and up (serving).",

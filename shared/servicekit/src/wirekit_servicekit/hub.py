@@ -101,9 +101,6 @@ def source_key(peername: object) -> str:
     return Peer.direct(peername).source
 
 
-Factory = Callable[[], asyncio.BaseProtocol]
-
-
 class _Entry:
     __slots__ = ("activity", "seen", "source")
 
@@ -176,10 +173,11 @@ class ConnectionHub:
 
     # -- PROXY protocol (see .proxy) ------------------------------------------------------
     def wrap(
-        self, factory: Callable[[], asyncio.BaseProtocol]
+        self, factory: Callable[[], asyncio.BaseProtocol], paused: bool = False
     ) -> Callable[[], asyncio.BaseProtocol]:
-        """The listener's protocol factory: behind the PROXY protocol gate when it is on."""
-        return factory if self.gate is None else self.gate.wrap(factory)
+        """The listener's protocol factory: behind the PROXY protocol gate when it is on
+        (``paused``: reading stays paused after the header, see ``Listener.tls_later``)."""
+        return factory if self.gate is None else self.gate.wrap(factory, paused)
 
     def hold(self) -> bool:
         """A connection awaits its PROXY header: it takes a slot of ``limit_connections``."""

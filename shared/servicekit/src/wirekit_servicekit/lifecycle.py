@@ -20,14 +20,30 @@ import signal
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 
-from .hub import ConnectionHub, drain
+from .hub import (
+    REJECT_REASONS,
+    CloseReason,
+    Connection,
+    ConnectionHub,
+    ConnectionLimits,
+    drain,
+    source_key,
+)
+from .loops import event_loop_factory
 from .metrics import MetricsServer
 from .parts import Background, DatagramListener, Listener, Part, Reload
-from .reload import RELOAD_SIGNAL, release, restore
+from .reload import RELOAD_SIGNAL, hold, release, restore
 from .settings import ServiceSettings
+from .sockets import reset, reset_when_delivered, undelivered_bytes, unread_bytes
 from .worker import SOLO, Worker
 
-__all__ = ["run"]
+# Beside run: what this module held before it was split (hub, sockets, parts, loops), still
+# importable from here for code written against earlier releases.
+__all__ = [
+    "REJECT_REASONS", "Background", "CloseReason", "Connection", "ConnectionHub",
+    "ConnectionLimits", "DatagramListener", "Listener", "Reload", "drain", "event_loop_factory",
+    "reset", "reset_when_delivered", "run", "source_key", "undelivered_bytes", "unread_bytes",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +115,7 @@ class _Serving:
                 self.endpoints.append(transport)
                 bound[part.name] = transport.get_extra_info("sockname")[1]
                 continue
-            factory = part.hub.wrap(part.factory)
+            factory = part.hub.wrap(part.factory, paused=part.tls_later)
             if part.host == "::":  # both families on one socket (asyncio would make it v6-only)
                 sock = dual_stack_socket(port, shared)
                 server = await loop.create_server(factory, sock=sock, backlog=1024, ssl=part.ssl)
@@ -194,6 +210,7 @@ async def run(
         return 0
     finally:
         await serving.close()
+        hold()  # before the handler goes: a late SIGHUP must not meet SIGHUP's default action
         for signum in (signal.SIGTERM, signal.SIGINT, RELOAD_SIGNAL):
             loop.remove_signal_handler(signum)
         restore(reload_held)

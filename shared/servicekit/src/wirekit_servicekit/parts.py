@@ -23,6 +23,10 @@ class Listener:
     factory: Callable[[], asyncio.BaseProtocol]
     hub: ConnectionHub
     ssl: ssl.SSLContext | None = None
+    #: The protocol starts TLS itself once connected (cmdexec): behind a PROXY header, reading
+    #: stays paused after the header until it does (``start_tls`` resumes it) or resumes it
+    #: itself -- so a ClientHello that came with the header is read by TLS, not before it.
+    tls_later: bool = False
 
 
 @dataclass(frozen=True)

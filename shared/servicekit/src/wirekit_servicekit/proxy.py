@@ -163,11 +163,15 @@ class ProxyGate(asyncio.BufferedProtocol):
     so the client's first bytes stay in the socket for the service's own protocol -- which may
     be TLS, started later."""
 
-    __slots__ = ("_buffer", "_context", "_factory", "_parser", "_timer", "_transport", "peername")
+    __slots__ = ("_buffer", "_context", "_factory", "_parser", "_paused", "_timer", "_transport",
+                 "peername")  # fmt: skip
 
-    def __init__(self, context: GateContext, factory: Callable[[], asyncio.BaseProtocol]) -> None:
+    def __init__(
+        self, context: GateContext, factory: Callable[[], asyncio.BaseProtocol], paused: bool
+    ) -> None:
         self._context = context
         self._factory = factory
+        self._paused = paused
         self._parser: ProxyHeaderParser | None = None
         self._buffer = bytearray()
         self._timer: asyncio.TimerHandle | None = None
@@ -226,8 +230,13 @@ class ProxyGate(asyncio.BufferedProtocol):
         ctx.hub.expect(transport, peer)
         assert not parser.rest  # read exactly: the client's bytes are still in the socket
         inner = self._factory()
+        # Paused across the hand-over: some loops (uvloop) go on reading in this very callback,
+        # and a protocol that starts TLS later must not have the ClientHello read before.
+        transport.pause_reading()
         transport.set_protocol(inner)  # the next read is the client's first byte: its own
         inner.connection_made(transport)
+        if not self._paused and not transport.is_closing():
+            transport.resume_reading()
 
     def eof_received(self) -> bool:
         parser = self._parser
@@ -282,5 +291,7 @@ class GateContext:
     def count(self, result: str) -> None:
         self.results[result].inc()
 
-    def wrap(self, factory: Callable[[], asyncio.BaseProtocol]) -> Callable[[], ProxyGate]:
-        return lambda: ProxyGate(self, factory)
+    def wrap(
+        self, factory: Callable[[], asyncio.BaseProtocol], paused: bool = False
+    ) -> Callable[[], ProxyGate]:
+        return lambda: ProxyGate(self, factory, paused)

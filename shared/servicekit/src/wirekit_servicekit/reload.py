@@ -50,9 +50,14 @@ def release() -> bool:
 
 def restore(was_blocked: bool) -> None:
     """Put SIGHUP's block back as it was (blocked at the end of a service's life: a late
-    SIGHUP waits, harmless, instead of ending a process that is exiting cleanly)."""
-    how = signal.SIG_BLOCK if was_blocked else signal.SIG_UNBLOCK
-    signal.pthread_sigmask(how, _SET)
+    SIGHUP waits, harmless, instead of ending a process that is exiting cleanly). Unblocking, a
+    SIGHUP that came while it was held is dropped: the reload it asked for is moot."""
+    if was_blocked:
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SET)
+        return
+    if RELOAD_SIGNAL in signal.sigpending():
+        signal.sigtimedwait(_SET, 0)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SET)
 
 
 class held:  # a context manager, named as what it does

@@ -64,7 +64,9 @@ class Service(Generic[S]):
     version: str
     settings: type[S]
     build: Callable[[Runtime[S]], Sequence[Part]]
-    check: Callable[[S], None] | None = None
+    #: Before anything starts (and before workers are spawned): refuse (exit 2) or complete
+    #: the settings (return them: what the supervisor hands every worker).
+    check: Callable[[S], S | None] | None = None
 
     @property
     def module(self) -> str:
@@ -74,11 +76,11 @@ class Service(Generic[S]):
     async def serve(
         self,
         settings: S,
-        *,
         registry: CollectorRegistry | None = None,
         provider: TracerProvider | None = None,
         on_ready: Callable[[dict[str, int]], None] | None = None,
         stop: asyncio.Event | None = None,
+        *,
         worker: Worker = SOLO,
     ) -> int:
         """Build the service and serve until SIGTERM/SIGINT (or ``stop``); the exit status.
@@ -116,10 +118,10 @@ class Service(Generic[S]):
             got, worker = inherited
             assert isinstance(got, self.settings)
             settings = got
-        if self.check is not None:
-            self.check(settings)
         configure_logging(settings.log_level, self.name,
                           worker=None if worker is None else worker.index)  # fmt: skip
+        if self.check is not None:
+            settings = self.check(settings) or settings
         disable_created_metrics()  # type: ignore[no-untyped-call]  # process-wide: once, here
         log = logging.getLogger(self.module)
         count = settings.worker_count

@@ -155,7 +155,7 @@ class ServiceSettings(BaseSettings):
             raise SettingsLoadError(cls._describe(exc)) from None
         except SettingsError as exc:
             cause = f": {exc.__cause__}" if exc.__cause__ is not None else ""
-            raise SettingsLoadError(f"invalid settings: {exc}{cause}") from None
+            raise SettingsLoadError(_unechoed(f"invalid settings: {exc}{cause}")) from None
 
     @classmethod
     def secret_fields(cls) -> frozenset[str]:
@@ -198,6 +198,20 @@ _MASK = "**********"
 #: Shorter values are not masked inside other words (a secret "t" would mask every t): they
 #: cannot be told apart from the message's own text, nor kept secret by any message.
 _MASK_MIN = 6
+
+
+_UNRECOGNIZED = "unrecognized arguments:"
+
+
+def _unechoed(message: str) -> str:
+    """The command line's words argparse did not know, without their values: ``--toke=X`` or
+    ``--tok X`` may be a secret mistyped (the flag names are kept, the values masked)."""
+    head, found, tail = message.partition(_UNRECOGNIZED)
+    if not found:
+        return message
+    words = [w.split("=", 1)[0] + ("=" + _MASK if "=" in w else "") if w.startswith("-")
+             else _MASK for w in tail.split()]  # fmt: skip
+    return f"{head}{found} {' '.join(words)}"
 
 
 def _is_secret(annotation: Any) -> bool:

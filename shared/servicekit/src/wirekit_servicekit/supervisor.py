@@ -187,6 +187,7 @@ class Supervisor:
         self.server.more = self.worker_exposition
         self.stopping = asyncio.Event()
         self.all_up = asyncio.Event()
+        self._spawning = asyncio.Lock()
         self.up: set[int] = set()
         self.ports: dict[str, int] = {}
         self._deadline: asyncio.TimerHandle | None = None
@@ -249,7 +250,8 @@ class Supervisor:
         """Start the slot's worker and wait until it serves; False (and the worker killed) if
         it could not start or did not get ready."""
         try:
-            await worker.spawn(self.settings, self.ports)
+            async with self._spawning:  # one at a time: SIGHUP's block is per thread (held())
+                await worker.spawn(self.settings, self.ports)
         except OSError:
             log.exception("could not start a worker", extra={"worker": worker.index})
             return False
@@ -336,11 +338,11 @@ class Supervisor:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self.reloads:
+            hold()  # first: a late SIGHUP waits, harmless, while the supervisor exits
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
-        if self.reloads:
-            hold()  # a late SIGHUP waits, harmless, while the supervisor exits
         self.server.stop()
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -24,6 +24,8 @@ __all__ = ["RunningService", "running_service", "until"]
 
 S = TypeVar("S", bound=ServiceSettings)
 R = TypeVar("R", bound="RunningService[Any]")
+#: The serve(settings, registry, provider, on_ready, stop) of earlier releases (Service.serve).
+Serve = Callable[..., Coroutine[Any, Any, int]]
 
 
 @dataclass
@@ -69,7 +71,7 @@ class _Problems(logging.Handler):
 
 @contextlib.asynccontextmanager
 async def running_service(
-    service: Service[Any],
+    service: Service[Any] | Serve,
     settings: ServiceSettings,
     cls: type[R],
     expected_errors: Collection[str] = (),
@@ -101,7 +103,9 @@ async def running_service(
 
 
 @contextlib.asynccontextmanager
-async def _running(spec: Service[Any], settings: ServiceSettings, cls: type[R]) -> AsyncIterator[R]:
+async def _running(
+    spec: Service[Any] | Serve, settings: ServiceSettings, cls: type[R]
+) -> AsyncIterator[R]:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -112,10 +116,10 @@ async def _running(spec: Service[Any], settings: ServiceSettings, cls: type[R]) 
         service.ports = ports
         ready.set()
 
+    serve = spec.serve if isinstance(spec, Service) else spec  # or a serve of earlier releases
     service.task = asyncio.create_task(
-        spec.serve(settings, registry=service.registry, provider=provider, on_ready=on_ready,
-                   stop=service.stop)
-    )  # fmt: skip
+        serve(settings, service.registry, provider, on_ready, service.stop)
+    )
     # Ready, or ended first (settings it refuses): say so at once rather than wait it out.
     waiter = asyncio.create_task(ready.wait())
     await asyncio.wait({waiter, service.task}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
