@@ -2,7 +2,7 @@
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
-MEMBERS := shared/framing shared/servicekit services/echo services/cmdexec services/udp
+MEMBERS := shared/framing shared/servicekit services/echo services/cmdexec services/udp services/probe
 
 SERVICES    := echo cmdexec udp
 VERSION     := $(shell cat VERSION)

@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SRC = [
     "shared/framing/src", "shared/servicekit/src",
-    "services/echo/src", "services/cmdexec/src", "services/udp/src",
+    "services/echo/src", "services/cmdexec/src", "services/udp/src", "services/probe/src",
 ]  # fmt: skip
 FW = "shared/framing/src/wirekit_framing/"
 SK = "shared/servicekit/src/wirekit_servicekit/"
@@ -33,6 +33,8 @@ CODEC_T = "shared/framing/tests"
 ECHO_T = "services/echo/tests/test_echo.py services/echo/tests/test_hostile.py"
 CX_T = "services/cmdexec/tests"
 UDP_T = "services/udp/tests"
+PR = "services/probe/src/wirekit_probe/"
+PROBE_T = "services/probe/tests"
 SK_T = "shared/servicekit/tests"
 
 
@@ -209,7 +211,7 @@ MUTANTS = [
            "        if False:", CX_T + "/test_identities.py"),
     # udp
     Mutant("udp: our own answer coming back is answered", UD + "defences.py",
-           "        return entry is not None and now - entry[1] < self.window_s and entry[0] == data",
+           "        return when is not None and now - when < self.window_s",
            "        return False", UDP_T + "/test_loops.py"),
     Mutant("udp: answers from the routing table's address", UD + "pktinfo.py",
            "            self._reply = _reply_from(ancillary)", "            self._reply = []",
@@ -227,6 +229,18 @@ MUTANTS = [
     Mutant("udp client: a lost datagram not reported", UD + "client.py",
            "        if reply is None:\n            failures += 1",
            "        if reply is None:\n            failures += 0", UDP_T),
+    # probe
+    Mutant("probe tracker: RFC 4737 next-expected never advances", PR + "tracker.py",
+           "            self._next_expected = seq + 1", "            pass", PROBE_T),
+    Mutant("probe tracker: a late reply counted as received", PR + "tracker.py",
+           "            if seq in self._expired:", "            if False:", PROBE_T),
+    Mutant("probe wire: another session's probes taken", PR + "wire.py",
+           "    if got_nonce != nonce:", "    if False:", PROBE_T),
+    Mutant("probe udp: replies from anywhere taken", PR + "udp.py",
+           "        if (addr[0], addr[1]) != self._key:", "        if False:", PROBE_T),
+    Mutant("probe cli: total loss exits 0", PR + "cli.py",
+           "    return 0 if summary.received else 1", "    return 0",
+           "tests/test_probe.py -k dead_target"),
 ]  # fmt: skip
 
 

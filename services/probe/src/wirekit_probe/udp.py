@@ -1,0 +1,123 @@
+"""The ``udp`` module: sequenced, timestamped datagrams to one RFC 862 echo target.
+
+One unconnected socket per target, so that a reply from any other address or port is seen --
+and counted as ``wrong_source`` and ignored -- rather than filtered by the kernel unseen. The
+kernel is asked for each reply's TTL (IPv4 ``IP_RECVTTL``) or hop limit (IPv6
+``IPV6_RECVHOPLIMIT``). Replies are read with ``recvmsg`` from the loop's reader callback, up
+to ``BATCH`` per wake-up; nothing here blocks or waits without a deadline: a probe without an
+answer is declared lost by ``Tracker.expire``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import time
+from collections import Counter
+from typing import Any
+
+from .tracker import Outcome, Tracker
+from .wire import MAX_SIZE, NotAReply, decode, encode
+
+#: Linux's values where Python does not name them.
+IP_RECVTTL = getattr(socket, "IP_RECVTTL", 12)
+IP_TTL = socket.IP_TTL
+BATCH = 64
+_INT = struct.Struct("@i")
+_ANCILLARY = socket.CMSG_SPACE(_INT.size)
+
+
+def _ttl(ancillary: list[tuple[int, int, bytes]]) -> int | None:
+    for level, kind, data in ancillary:
+        if len(data) >= _INT.size and (
+            (level == socket.IPPROTO_IP and kind == IP_TTL)
+            or (level == socket.IPPROTO_IPV6 and kind == socket.IPV6_HOPLIMIT)
+        ):
+            return int(_INT.unpack_from(data)[0])
+    return None
+
+
+class UdpTarget:
+    """Probes to one resolved address; replies classified into ``tracker`` and ``invalid``.
+
+    ``rtts`` receives every on-time round trip (seconds) when given (the one-shot tool keeps
+    them for percentiles; the service observes a histogram instead)."""
+
+    def __init__(
+        self,
+        address: tuple[Any, ...],
+        family: socket.AddressFamily,
+        *,
+        size: int,
+        timeout_s: float,
+        nonce: int,
+        rtts: list[float] | None = None,
+    ) -> None:
+        self.address = address
+        self.size = size
+        self.nonce = nonce
+        self.tracker = Tracker(timeout_s)
+        self.invalid: Counter[str] = Counter()
+        self.send_errors = 0
+        self.rtts = rtts
+        self._seq = 0
+        self._key = (address[0], address[1])
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            self.sock.setblocking(False)
+            if family == socket.AF_INET6:
+                self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVHOPLIMIT, 1)
+            else:
+                self.sock.setsockopt(socket.IPPROTO_IP, IP_RECVTTL, 1)
+        except BaseException:
+            self.sock.close()
+            raise
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        loop.add_reader(self.sock.fileno(), self._readable)
+
+    def close(self) -> None:
+        if self._loop is not None:
+            self._loop.remove_reader(self.sock.fileno())
+            self._loop = None
+        self.sock.close()
+
+    def send(self) -> None:
+        """One probe, the next sequence number."""
+        seq = self._seq
+        self._seq += 1
+        now = time.monotonic()
+        data = encode(self.nonce, seq, time.monotonic_ns(), self.size)
+        self.tracker.on_send(seq, now)
+        try:
+            self.sock.sendto(data, self.address)
+        except OSError:  # a full send buffer, no route, an ICMP error reported late: lost
+            self.send_errors += 1
+
+    def _readable(self) -> None:
+        for _ in range(BATCH):
+            try:
+                data, ancillary, _flags, addr = self.sock.recvmsg(MAX_SIZE + 1, _ANCILLARY)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # an ICMP error for an earlier probe (port unreachable): no reply
+                continue
+            self.on_datagram(data, addr, time.monotonic(), _ttl(ancillary))
+
+    def on_datagram(self, data: bytes, addr: tuple[Any, ...], now: float, ttl: int | None) -> None:
+        if (addr[0], addr[1]) != self._key:
+            self.invalid["wrong_source"] += 1
+            return
+        try:
+            probe = decode(data, self.nonce, self.size)
+        except NotAReply as e:
+            self.invalid[e.reason] += 1
+            return
+        outcome, rtt = self.tracker.on_reply(probe.seq, now, ttl)
+        if outcome is Outcome.UNKNOWN:
+            self.invalid["unknown"] += 1
+        elif outcome is Outcome.RECEIVED and self.rtts is not None:
+            self.rtts.append(rtt)

@@ -1,0 +1,45 @@
+"""Replies that are not ours, over real sockets: a socket we drive plays the target."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import socket
+
+from wirekit_probe.udp import UdpTarget
+from wirekit_probe.wire import encode
+
+
+async def test_replies_that_are_not_answers_are_counted_and_ignored() -> None:
+    loop = asyncio.get_running_loop()
+    target = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    target.bind(("127.0.0.1", 0))
+    target.settimeout(5)
+    nonce = secrets.randbits(64)
+    probe = UdpTarget(target.getsockname(), socket.AF_INET, size=64, timeout_s=5.0, nonce=nonce,
+                      rtts=[])  # fmt: skip
+    try:
+        probe.start(loop)
+        probe.send()
+        data, prober = target.recvfrom(2048)
+        stranger.sendto(data, prober)  # the right bytes from the wrong address
+        for junk in (b"", b"short", b"XXXX" + data[4:], encode(nonce ^ 1, 0, 0, 64),
+                     data + b"!", encode(nonce, 77, 0, 64)):  # fmt: skip
+            target.sendto(junk, prober)
+        target.sendto(data, prober)  # the answer
+        target.sendto(data, prober)  # and again
+        for _ in range(200):
+            if probe.tracker.duplicate:
+                break
+            await asyncio.sleep(0.01)
+        assert dict(probe.invalid) == {"wrong_source": 1, "short": 2, "magic": 1, "nonce": 1,
+                                       "size": 1, "unknown": 1}  # fmt: skip
+        assert (probe.tracker.received, probe.tracker.duplicate) == (1, 1)
+        assert probe.rtts is not None
+        assert len(probe.rtts) == 1
+        assert probe.tracker.last_ttl == 64
+    finally:
+        probe.close()
+        target.close()
+        stranger.close()
