@@ -12,6 +12,7 @@ from pydantic_settings import BaseSettings
 
 from wirekit_cmdexec.settings import CmdexecSettings
 from wirekit_echo.settings import EchoSettings
+from wirekit_probe.settings import ProbeSettings
 from wirekit_udp.settings import UdpSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,6 +22,7 @@ PAGES: dict[type[BaseSettings], Path] = {
     EchoSettings: ROOT / "docs/echo.md",
     CmdexecSettings: ROOT / "docs/cmdexec.md",
     UdpSettings: ROOT / "docs/udp.md",
+    ProbeSettings: ROOT / "docs/probe.md",
 }
 SETTINGS: list[type[BaseSettings]] = list(PAGES)
 #: The two commands of "## Set up", as the README gives them (a fresh clone's first steps).

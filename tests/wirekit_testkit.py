@@ -16,7 +16,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -294,12 +294,13 @@ START_S = 30.0
 
 @contextlib.contextmanager
 def service_process(
-    module: str, *args: str, env: dict[str, str] | None = None
+    module: str, *args: str, env: dict[str, str] | None = None, wrap: Sequence[str] = ()
 ) -> Iterator[ServiceProcess]:
     """Run ``python -m module args`` (ports 0 where the caller says so); wait (at most
     ``START_S``) for its "listening" log line (the supervisor's, with ``--workers``); kill it at
-    the end if the test did not stop it. Its stderr is read by a thread from the start."""
-    popen = subprocess.Popen([sys.executable, "-m", module, *args], stderr=subprocess.PIPE,
+    the end if the test did not stop it. Its stderr is read by a thread from the start.
+    ``wrap``: a command line the process runs under (``unshare ...``), which execs the rest."""
+    popen = subprocess.Popen([*wrap, sys.executable, "-m", module, *args], stderr=subprocess.PIPE,
                              text=True, env={**os.environ, **(env or {})})  # fmt: skip
     assert popen.stderr is not None
     lines: list[str] = []

@@ -17,8 +17,9 @@ async def test_replies_that_are_not_answers_are_counted_and_ignored() -> None:
     target.bind(("127.0.0.1", 0))
     target.settimeout(5)
     nonce = secrets.randbits(64)
+    rtts: list[float] = []
     probe = UdpTarget(target.getsockname(), socket.AF_INET, size=64, timeout_s=5.0, nonce=nonce,
-                      rtts=[])  # fmt: skip
+                      on_rtt=rtts.append)  # fmt: skip
     try:
         probe.start(loop)
         probe.send()
@@ -36,8 +37,7 @@ async def test_replies_that_are_not_answers_are_counted_and_ignored() -> None:
         assert dict(probe.invalid) == {"wrong_source": 1, "short": 2, "magic": 1, "nonce": 1,
                                        "size": 1, "unknown": 1}  # fmt: skip
         assert (probe.tracker.received, probe.tracker.duplicate) == (1, 1)
-        assert probe.rtts is not None
-        assert len(probe.rtts) == 1
+        assert len(rtts) == 1
         assert probe.tracker.last_ttl == 64
     finally:
         probe.close()

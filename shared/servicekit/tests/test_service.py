@@ -28,7 +28,14 @@ from pydantic_settings import SettingsConfigDict
 
 from wirekit_servicekit.hub import CloseReason, ConnectionHub, ConnectionLimits
 from wirekit_servicekit.metrics import ConnectionMetrics, new_registry
-from wirekit_servicekit.parts import Background, DatagramListener, Listener, Part, Reload
+from wirekit_servicekit.parts import (
+    Background,
+    DatagramListener,
+    HttpRoute,
+    Listener,
+    Part,
+    Reload,
+)
 from wirekit_servicekit.service import Runtime, Service
 from wirekit_servicekit.settings import ServiceSettings, TcpServiceSettings
 from wirekit_servicekit.testing import until
@@ -406,6 +413,30 @@ async def test_datagram_listener(telemetry: Callable[[], Telemetry]) -> None:
         assert await udp_ask(port, b"hello") == b"hello"
         assert await s.status() == 0
     assert _udp_port_free(port)
+
+
+async def test_http_route_on_the_metrics_port(telemetry: Callable[[], Telemetry]) -> None:
+    """A service's own path beside /metrics: its handler gets the query's parameters and
+    answers status, type and body; other paths are still 404."""
+    asked: list[dict[str, list[str]]] = []
+
+    def handler(params: dict[str, list[str]]) -> tuple[int, str, bytes]:
+        asked.append(params)
+        if "target" not in params:
+            return 400, "text/plain", b"target is required\n"
+        return 200, "text/plain", f"probed {params['target'][-1]}\n".encode()
+
+    def build(runtime: Runtime[DemoSettings]) -> list[Part]:
+        return [HttpRoute("/probe", handler)]
+
+    async with serving(_demo(build), DemoSettings(metrics_port=0), telemetry()) as s:
+        port = s.ports["metrics"]
+        assert await http_get(port, "/probe?target=a:1&target=b:2") == (200, b"probed b:2\n")
+        assert await http_get(port, "/probe") == (400, b"target is required\n")
+        assert (await http_get(port, "/nothing"))[0] == 404
+        assert (await http_get(port, "/metrics"))[0] == 200
+        assert await s.status() == 0
+    assert asked == [{"target": ["a:1", "b:2"]}, {}]
 
 
 async def test_workers_share_ports(

@@ -1,6 +1,7 @@
 """``wirekit-probe ping``: like ``ping``, against an echo target -- N probes, then one summary.
 
-    wirekit-probe ping [-c COUNT] [-i INTERVAL] [-s SIZE] [-W TIMEOUT] [--fixed] [--json] HOST:PORT
+    wirekit-probe ping [-m MODULE] [-c COUNT] [-i INTERVAL] [-s SIZE] [-W TIMEOUT] [--fixed]
+                       [--seed N] [--json] HOST:PORT
 
 Intervals are exponentially distributed around ``-i`` (Poisson sending, RFC 2330 section
 11.1.1: a probe stream that cannot phase-lock with anything periodic on the path) unless
@@ -14,8 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import random
-import secrets
 import socket
 import statistics
 import sys
@@ -24,20 +23,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._version import __version__
-from .udp import UdpTarget
+from .runners import Pacer, run_module
+from .series import Series
+from .targets import MODULES, Spec, resolve, split_host_port
+from .tracker import Tracker
 from .wire import MAX_SIZE, MIN_SIZE
 
 
 def parse_target(text: str) -> tuple[str, int]:
     """``host:port`` or ``[v6-address]:port``."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"target must be HOST:PORT, got {text!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise argparse.ArgumentTypeError(f"an IPv6 target is written [ADDRESS]:PORT, got {text!r}")
-    return host, int(port)
+    try:
+        return split_host_port(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 @dataclass
@@ -50,7 +48,6 @@ class Summary:
     duplicate: int
     reordered: int
     invalid: dict[str, int]
-    send_errors: int
     rtt_ms: dict[str, float]
     jitter_ms: float
     hops: int | None
@@ -92,46 +89,26 @@ async def ping(
     host: str,
     port: int,
     *,
+    module: str = "udp",
     count: int,
     interval_s: float,
     size: int,
     timeout_s: float,
+    connect_timeout_s: float = 2.0,
     poisson: bool = True,
     seed: int | None = None,
 ) -> Summary:
-    loop = asyncio.get_running_loop()
-    family, _, _, _, address = (
-        await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-    )[0]  # fmt: skip
-    rtts: list[float] = []
-    target = UdpTarget(address, family, size=size, timeout_s=timeout_s,
-                       nonce=secrets.randbits(64), rtts=rtts)  # fmt: skip
-    rng = random.Random(seed)  # noqa: S311 -- intervals, not secrets
-    tracker = target.tracker
-    try:
-        target.start(loop)
-        due = loop.time()
-        for _ in range(count):
-            target.send()
-            tracker.expire(loop.time())
-            due += rng.expovariate(1 / interval_s) if poisson else interval_s
-            delay = due - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-        # The last probes: until every one is answered or has had its timeout_s.
-        deadline = loop.time() + timeout_s
-        while tracker.in_flight and loop.time() < deadline:  # noqa: ASYNC110 -- polls a count
-            await asyncio.sleep(min(0.01, max(0.0, deadline - loop.time())))
-        tracker.expire_all()
-    finally:
-        target.close()
-    ip = str(address[0])
-    shown = f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}"
+    """``count`` probes to the first address of ``host`` (OSError when it does not resolve)."""
+    endpoint = (await resolve(Spec(module, host, port)))[0]
+    series = Series(endpoint, Tracker(timeout_s), samples=[])
+    pacer = Pacer(lambda: 1.0 / interval_s, None, series, seed=seed, poisson=poisson)
+    await run_module(series, pacer, size=size, timeout_s=timeout_s,
+                     connect_timeout_s=connect_timeout_s, count=count)  # fmt: skip
+    t = series.tracker
     return Summary(
-        target=shown, sent=tracker.sent, received=tracker.received, lost=tracker.lost,
-        late=tracker.late, duplicate=tracker.duplicate, reordered=tracker.reordered,
-        invalid=dict(target.invalid), send_errors=target.send_errors, rtt_ms=percentiles(rtts),
-        jitter_ms=tracker.jitter_s * 1e3, hops=tracker.hops,
+        target=endpoint.target, sent=t.sent, received=t.received, lost=t.lost, late=t.late,
+        duplicate=t.duplicate, reordered=t.reordered, invalid=dict(series.invalid),
+        rtt_ms=percentiles(series.samples or []), jitter_ms=t.jitter_s * 1e3, hops=t.hops,
     )  # fmt: skip
 
 
@@ -162,8 +139,9 @@ def parser() -> argparse.ArgumentParser:
     ping_p = sub.add_parser("ping", help="N probes to one target, then a summary line",
                             description=__doc__.split("\n\n", 1)[1])  # fmt: skip
     ping_p.add_argument("target", type=parse_target, metavar="HOST:PORT")
-    ping_p.add_argument("-m", "--module", choices=["udp"], default="udp",
-                        help="how to probe (default udp: RFC 862 datagrams)")  # fmt: skip
+    ping_p.add_argument("-m", "--module", choices=MODULES, default="udp",
+                        help="udp (RFC 862 datagrams, the default), tcp-framed (frames on one "
+                        "connection to echo framed) or tcp-connect (handshakes)")  # fmt: skip
     ping_p.add_argument("-c", "--count", type=_positive(int), default=10, help="probes (10)")
     ping_p.add_argument("-i", "--interval", type=_positive(float), default=1.0,
                         help="mean seconds between probes (1.0)")  # fmt: skip
@@ -185,6 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ping(
                 host,
                 port,
+                module=args.module,
                 count=args.count,
                 interval_s=args.interval,
                 size=args.size,
@@ -201,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps({**summary.__dict__, "loss_percent": summary.loss_percent}))
     else:
-        print(f"--- {summary.target} udp probe statistics ---\n{summary.line()}")
+        print(f"--- {summary.target} {args.module} probe statistics ---\n{summary.line()}")
     return 0 if summary.received else 1
 
 

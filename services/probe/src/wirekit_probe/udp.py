@@ -15,6 +15,7 @@ import socket
 import struct
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from .tracker import Outcome, Tracker
@@ -39,10 +40,9 @@ def _ttl(ancillary: list[tuple[int, int, bytes]]) -> int | None:
 
 
 class UdpTarget:
-    """Probes to one resolved address; replies classified into ``tracker`` and ``invalid``.
-
-    ``rtts`` receives every on-time round trip (seconds) when given (the one-shot tool keeps
-    them for percentiles; the service observes a histogram instead)."""
+    """Probes to one resolved address; replies classified into ``tracker`` and ``invalid``
+    (the caller's, or new ones). ``on_rtt`` is called with every on-time round trip (seconds):
+    the one-shot tool keeps them for percentiles, the service observes a histogram."""
 
     def __init__(
         self,
@@ -52,15 +52,17 @@ class UdpTarget:
         size: int,
         timeout_s: float,
         nonce: int,
-        rtts: list[float] | None = None,
+        on_rtt: Callable[[float], object] | None = None,
+        tracker: Tracker | None = None,
+        invalid: Counter[str] | None = None,
     ) -> None:
         self.address = address
         self.size = size
         self.nonce = nonce
-        self.tracker = Tracker(timeout_s)
-        self.invalid: Counter[str] = Counter()
+        self.tracker = tracker if tracker is not None else Tracker(timeout_s)
+        self.invalid: Counter[str] = invalid if invalid is not None else Counter()
         self.send_errors = 0
-        self.rtts = rtts
+        self.on_rtt = on_rtt
         self._seq = 0
         self._key = (address[0], address[1])
         self.sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -119,5 +121,5 @@ class UdpTarget:
         outcome, rtt = self.tracker.on_reply(probe.seq, now, ttl)
         if outcome is Outcome.UNKNOWN:
             self.invalid["unknown"] += 1
-        elif outcome is Outcome.RECEIVED and self.rtts is not None:
-            self.rtts.append(rtt)
+        elif outcome is Outcome.RECEIVED and self.on_rtt is not None:
+            self.on_rtt(rtt)

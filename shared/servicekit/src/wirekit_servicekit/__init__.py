@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from .logs import TraceContextFilter, configure_logging
     from .loops import event_loop_factory
     from .metrics import ConnectionMetrics, HotCounter, HotHistogram, MetricsServer, new_registry
-    from .parts import Background, DatagramListener, Listener, Part, Reload
+    from .parts import Background, DatagramListener, HttpRoute, Listener, Part, Reload
     from .proxy import Peer
     from .service import Runtime, Service
     from .settings import ServiceSettings, SettingsLoadError, TcpServiceSettings, load_settings
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 #: Public name -> the private module that defines it.
 _EXPORTS = {
     "Background": "parts",
+    "HttpRoute": "parts",
     "CloseReason": "hub",
     "Connection": "hub",
     "ConnectionHub": "hub",
@@ -78,6 +79,7 @@ __all__ = [
     "DatagramListener",
     "HotCounter",
     "HotHistogram",
+    "HttpRoute",
     "Listener",
     "MetricsServer",
     "Part",

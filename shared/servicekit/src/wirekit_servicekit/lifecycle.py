@@ -31,7 +31,7 @@ from .hub import (
 )
 from .loops import event_loop_factory
 from .metrics import MetricsServer
-from .parts import Background, DatagramListener, Listener, Part, Reload
+from .parts import Background, DatagramListener, HttpRoute, Listener, Part, Reload
 from .reload import RELOAD_SIGNAL, hold, release, restore
 from .settings import ServiceSettings
 from .sockets import reset, reset_when_delivered, undelivered_bytes, unread_bytes
@@ -102,7 +102,7 @@ class _Serving:
         loop = asyncio.get_running_loop()
         shared, bound = self.worker.shares_ports, {}
         for part in self.parts:
-            if isinstance(part, Background | Reload):
+            if isinstance(part, Background | Reload | HttpRoute):
                 continue
             port = self.worker.ports.get(part.name, part.port)
             if isinstance(part, DatagramListener):
@@ -182,6 +182,7 @@ async def run(
         on_reload()  # a SIGHUP came while the service started
 
     serving = _Serving(parts, worker)
+    metrics.routes.update({p.path: p.handler for p in parts if isinstance(p, HttpRoute)})
     metrics.start()
     try:
         try:

@@ -13,6 +13,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
+from urllib.parse import parse_qs
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import (
@@ -160,6 +161,8 @@ class MetricsServer:
         #: When set, asked for the other paths: the body of a 200 answer, or None (404). A
         #: supervisor answers ``/workers/<i>/metrics`` with it.
         self.more: Callable[[str], str | None] | None = None
+        #: More paths (a service's HttpRoute parts): query parameters -> status, type, body.
+        self.routes: dict[str, Callable[[dict[str, list[str]]], tuple[int, str, bytes]]] = {}
         self._metrics_app = make_wsgi_app(registry)
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[
             0
@@ -187,6 +190,13 @@ class MetricsServer:
         if path == "/metrics":
             result: Iterable[bytes] = self._metrics_app(environ, start_response)
             return result
+        route = self.routes.get(path)
+        if route is not None:
+            status, content_type, payload = route(parse_qs(environ.get("QUERY_STRING", "")))
+            start_response(f"{status} {_REASONS.get(status, 'Error')}",
+                           [("Content-Type", content_type),
+                            ("Content-Length", str(len(payload)))])  # fmt: skip
+            return [payload]
         body = self.more(path) if self.more is not None else None
         if body is not None:
             return _plain(start_response, 200, body.encode())
@@ -200,7 +210,15 @@ class MetricsServer:
         self._server.server_close()
 
 
-_REASONS = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
 
 
 def _plain(start_response: StartResponse, status: int, body: bytes) -> list[bytes]:

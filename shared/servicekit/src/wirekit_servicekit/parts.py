@@ -10,7 +10,7 @@ from typing import Any
 
 from .hub import ConnectionHub
 
-__all__ = ["Background", "DatagramListener", "Listener", "Part", "Reload"]
+__all__ = ["Background", "DatagramListener", "HttpRoute", "Listener", "Part", "Reload"]
 
 
 @dataclass(frozen=True)
@@ -66,4 +66,15 @@ class Reload:
     callback: Callable[[], object]
 
 
-Part = Listener | DatagramListener | Background | Reload
+@dataclass(frozen=True)
+class HttpRoute:
+    """One more path on the metrics port (the prober's ``/probe``). ``handler`` runs in the
+    metrics server's thread with the query string's parameters and answers (status, content
+    type, body); a handler that needs the event loop hands its work over with
+    ``asyncio.run_coroutine_threadsafe`` and waits with a deadline."""
+
+    path: str
+    handler: Callable[[dict[str, list[str]]], tuple[int, str, bytes]]
+
+
+Part = Listener | DatagramListener | Background | Reload | HttpRoute

@@ -1,0 +1,213 @@
+"""The three modules as coroutines, one per endpoint: ``count`` probes (a /probe burst) or
+forever (the service), at Poisson intervals around ``1 / rate()``, each probe first taking a
+token of the shared packet budget (none left: the probe is skipped and counted). Every wait
+has a deadline; a runner owns its socket or connection and closes it however it ends."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import random
+import secrets
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from wirekit_framing import FramingError, read_frame, write_frame
+from wirekit_servicekit.ratelimit import TokenBucket
+
+from .series import Series
+from .tracker import Outcome
+from .udp import UdpTarget
+from .wire import MAX_SIZE, NotAReply, decode, encode
+
+Rate = Callable[[], float]
+
+
+class Pacer:
+    """Poisson intervals (RFC 2330 11.1.1) -- or fixed ones -- on an absolute schedule (a
+    probe sent late does not push the next ones back; after a stall of over a second the
+    schedule starts again from now rather than catching up in a burst), and the budget."""
+
+    def __init__(
+        self,
+        rate: Rate,
+        budget: TokenBucket | None,
+        series: Series,
+        *,
+        seed: int | None = None,
+        poisson: bool = True,
+    ) -> None:
+        self.rate = rate
+        self.budget = budget
+        self.series = series
+        self.poisson = poisson
+        seed = seed if seed is not None else secrets.randbits(64)
+        self.rng = random.Random(seed)  # noqa: S311 -- intervals, not secrets
+        self.due: float | None = None  # the first probe goes at once
+
+    async def next(self) -> bool:
+        """Wait for the next probe's time; whether the budget lets it go."""
+        now = time.monotonic()
+        if self.due is None:
+            self.due = now
+        else:
+            gap = self.rng.expovariate(self.rate()) if self.poisson else 1.0 / self.rate()
+            self.due = max(self.due + gap, now - 1.0)
+            if self.due > now:
+                await asyncio.sleep(self.due - now)
+        if self.budget is None or self.budget.take(time.monotonic()):
+            return True
+        self.series.skipped += 1
+        return False
+
+
+async def _settle(series: Series, timeout_s: float) -> None:
+    """After the last probe of a burst: until every reply is in or has had its timeout."""
+    deadline = time.monotonic() + timeout_s
+    while series.tracker.in_flight and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(min(0.01, max(0.0, deadline - time.monotonic())))
+    series.tracker.expire_all()
+
+
+async def run_udp(
+    series: Series, pacer: Pacer, *, size: int, timeout_s: float, count: int | None = None
+) -> None:
+    e = series.endpoint
+    address = (e.address, e.port, 0, 0) if ":" in e.address else (e.address, e.port)
+    target = UdpTarget(address, e.family, size=size, timeout_s=timeout_s,
+                       nonce=secrets.randbits(64), on_rtt=series.on_rtt, tracker=series.tracker,
+                       invalid=series.invalid)  # fmt: skip
+    target.start(asyncio.get_running_loop())
+    try:
+        sent = 0
+        while count is None or sent < count:
+            go = await pacer.next()
+            series.tracker.expire(time.monotonic())
+            if go:
+                target.send()
+            sent += 1
+        await _settle(series, timeout_s)
+    finally:
+        target.close()
+
+
+async def _connect(
+    series: Series, timeout_s: float
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+    """A handshake, counted by result and timed; None when it failed."""
+    e = series.endpoint
+    started = time.monotonic()
+    try:
+        async with asyncio.timeout(timeout_s):
+            streams = await asyncio.open_connection(e.address, e.port)
+    except ConnectionRefusedError:
+        series.on_connect("refused")
+        return None
+    except TimeoutError:
+        series.on_connect("timeout")
+        return None
+    except OSError:
+        series.on_connect("error")
+        return None
+    series.on_connect("ok", time.monotonic() - started)
+    return streams
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(OSError, TimeoutError):
+        async with asyncio.timeout(1.0):
+            await writer.wait_closed()
+
+
+async def run_tcp_connect(
+    series: Series, pacer: Pacer, *, connect_timeout_s: float, count: int | None = None
+) -> None:
+    """Each probe a handshake: sent = attempts, received = handshakes, rtt = its time."""
+    tracker = series.tracker
+    seq = 0
+    while count is None or seq < count:
+        if not await pacer.next():
+            seq += 1
+            continue
+        tracker.on_send(seq, time.monotonic())
+        streams = await _connect(series, connect_timeout_s)
+        if streams is None:
+            tracker.expire_all()
+        else:
+            _, rtt = tracker.on_reply(seq, time.monotonic())
+            series.on_rtt(rtt)
+            await _close(streams[1])
+        seq += 1
+
+
+async def run_tcp_framed(
+    series: Series,
+    pacer: Pacer,
+    *,
+    size: int,
+    timeout_s: float,
+    connect_timeout_s: float,
+    count: int | None = None,
+) -> None:
+    """One persistent connection to echo framed, one frame in flight. A frame not back
+    within ``timeout_s``, a broken connection, or a reply that is not ours: the probe is lost
+    and the connection closed; the next probe connects again (probe_connects_total). A probe
+    that cannot connect is lost too: a dead target is 100 % loss."""
+    tracker, nonce = series.tracker, secrets.randbits(64)
+    streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+    try:
+        for seq in itertools.count() if count is None else range(count):
+            if not await pacer.next():
+                continue
+            tracker.on_send(seq, time.monotonic())
+            if streams is None:
+                streams = await _connect(series, connect_timeout_s)
+                if streams is None:
+                    tracker.expire_all()
+                    continue
+            reader, writer = streams
+            try:
+                async with asyncio.timeout(timeout_s):  # the round trip's deadline
+                    await write_frame(writer, encode(nonce, seq, time.monotonic_ns(), size))
+                    reply = await read_frame(reader, MAX_SIZE)
+                if reply is None:
+                    raise ConnectionResetError("the echo closed the connection")
+                outcome, rtt = tracker.on_reply(decode(reply, nonce, size).seq, time.monotonic())
+                if outcome is not Outcome.RECEIVED:
+                    raise NotAReply("unknown")
+                series.on_rtt(rtt)
+                continue
+            except NotAReply as exc:
+                series.invalid[exc.reason] += 1
+            except FramingError:  # a length over MAX_SIZE, a frame cut short
+                series.invalid["frame"] += 1
+            except (TimeoutError, OSError):
+                pass
+            tracker.expire_all()
+            streams = None
+            await _close(writer)
+    finally:
+        if streams is not None:
+            await _close(streams[1])
+
+
+def run_module(
+    series: Series,
+    pacer: Pacer,
+    *,
+    size: int,
+    timeout_s: float,
+    connect_timeout_s: float,
+    count: int | None = None,
+) -> Coroutine[Any, Any, None]:
+    """The runner of ``series``' module."""
+    module = series.endpoint.module
+    if module == "udp":
+        return run_udp(series, pacer, size=size, timeout_s=timeout_s, count=count)
+    if module == "tcp-framed":
+        return run_tcp_framed(series, pacer, size=size, timeout_s=timeout_s,
+                              connect_timeout_s=connect_timeout_s, count=count)  # fmt: skip
+    return run_tcp_connect(series, pacer, connect_timeout_s=connect_timeout_s, count=count)
