@@ -79,3 +79,16 @@ LABEL org.opencontainers.image.title="wirekit-udp" \
       org.opencontainers.image.version="${VERSION}"
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/bin/tini", "--", "wirekit-udp"]
+
+FROM runtime AS probe
+ARG VERSION
+# /metrics and /probe on 0.0.0.0 (the prober listens on nothing else).
+ENV WIREKIT_PROBE_HOST=0.0.0.0
+EXPOSE 9730/tcp
+HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
+  CMD ["python3", "-m", "wirekit_servicekit.healthcheck", "WIREKIT_PROBE_METRICS_PORT", "9730"]
+LABEL org.opencontainers.image.title="wirekit-probe" \
+      org.opencontainers.image.description="Continuous loss, RTT, jitter, reordering and hop count against echo targets, as Prometheus metrics" \
+      org.opencontainers.image.version="${VERSION}"
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["/usr/bin/tini", "--", "wirekit-probe"]

@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 MEMBERS := shared/framing shared/servicekit services/echo services/cmdexec services/udp services/probe
 
-SERVICES    := echo cmdexec udp
+SERVICES    := echo cmdexec udp probe
 VERSION     := $(shell cat VERSION)
 IMAGE_TAG   ?= $(VERSION)
 LOCAL_BASE  ?= wirekit-base:local
@@ -80,8 +80,10 @@ fmt: $(READY) ## ruff --fix, ruff format
 	$(BIN)/ruff format .
 
 bench: $(READY) ## the benchmark matrix (~15 min, loopback): bench/results/latest.{md,json}, throughput.png
-	command -v xinetd >/dev/null && command -v sshd >/dev/null && command -v musl-gcc >/dev/null || \
-	  apt-get install -y -qq --no-install-recommends xinetd openssh-server openssh-client musl-tools >/dev/null
+	command -v xinetd >/dev/null && command -v sshd >/dev/null && command -v musl-gcc >/dev/null && \
+	  command -v prometheus-smokeping-prober >/dev/null && command -v prometheus-blackbox-exporter >/dev/null || \
+	  apt-get install -y -qq --no-install-recommends xinetd openssh-server openssh-client musl-tools \
+	    prometheus-smokeping-prober prometheus-blackbox-exporter >/dev/null
 	$(MAKE) --no-print-directory $(HELPER)
 	$(BIN)/pip install -q --disable-pip-version-check --require-hashes -r requirements/bench.txt
 	$(BIN)/python bench/run.py $(BENCH_ARGS)

@@ -272,11 +272,11 @@ def main() -> None:
     )
     p.add_argument(
         "--only",
-        choices=("all", "echo", "cmdexec", "workers", "proxy"),
+        choices=("all", "echo", "cmdexec", "workers", "proxy", "probe"),
         default="all",
         help="echo: the TCP echo tables only; cmdexec: the cmdexec bench only; workers: "
         "wirekit echo with 1 and 2 workers only; proxy: the PROXY protocol's cost per "
-        "connection only",
+        "connection only; probe: the prober beside smokeping_prober and blackbox_exporter",
     )
     args = p.parse_args()
     # SIGTERM (timeout, kill) ends like Ctrl-C: the finally below stops every server started.
@@ -310,7 +310,7 @@ def main() -> None:
         tcp.insert(4, xi)
     if args.only == "echo":
         udp = []
-    if args.only in ("cmdexec", "workers", "proxy"):
+    if args.only in ("cmdexec", "workers", "proxy", "probe"):
         tcp, udp, xi = [], [], None
     everything = tcp + udp
     stop_scraping = threading.Event()
@@ -319,7 +319,8 @@ def main() -> None:
                  "python": platform.python_version(), "reps": args.reps,
                  "duration_s": args.duration, "load": "10,000 msgs/s paced unless closed loop"},
         "paced": [], "closed": [], "udp": [], "cold": [], "nagle": [], "idle": {},
-        "cmdexec": {}, "framing": {}, "workers": [], "proxy": {}, "baseline": args.baseline,
+        "cmdexec": {}, "framing": {}, "workers": [], "proxy": {}, "probe": {},
+        "baseline": args.baseline,
     }  # fmt: skip
     try:
         for server in everything:
@@ -386,6 +387,11 @@ def main() -> None:
         log("proxy")
         report["proxy"] = json.loads(subprocess.run(
             [PY, str(HERE / "proxy_bench.py"), *(["--quick"] if args.quick else [])],
+            check=True, capture_output=True, text=True, timeout=600).stdout)  # fmt: skip
+    if args.only in ("all", "probe"):
+        log("probe")
+        report["probe"] = json.loads(subprocess.run(
+            [PY, str(HERE / "probe_bench.py"), *(["--quick"] if args.quick else [])],
             check=True, capture_output=True, text=True, timeout=600).stdout)  # fmt: skip
     if args.only == "all":
         log("framing")
@@ -638,6 +644,8 @@ def render(report: dict[str, Any]) -> str:
                   f"| proxy_protocol v2 (header parsed) | {on['wall_us']:.0f} | {on['cpu_us']:.0f} |",
                   f"| cost of the header | {on['wall_us'] - off['wall_us']:+.0f} | "
                   f"{on['cpu_us'] - off['cpu_us']:+.0f} |", ""]  # fmt: skip
+    if report.get("probe"):
+        lines += render_probe(report["probe"])
     if report["framing"]:
         fr = report["framing"]
         lines += ["", "## Framing decoder", "",
@@ -648,6 +656,28 @@ def render(report: dict[str, Any]) -> str:
                   f"{fr['per_byte_large_ns']:.0f} ns (16 MiB frame): ratio {fr['linearity']:.2f} (O(n))",
                   f"- whole 16 MiB frame in one feed: {fr['whole_per_byte_ns']:.2f} ns per byte", ""]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def render_probe(pr: dict[str, Any]) -> list[str]:
+    """The prober's cell: CPU per probe at 1,000/s over 100 targets, the RTT floor, TCP."""
+    lines = ["## The prober (wirekit-probe) beside smokeping_prober and blackbox_exporter", "",
+             f"{pr['targets']} targets on loopback, {pr['seconds']:g} s per run.", "",
+             "| prober | probes/s | CPU µs/probe | % of one core |", "|---|---|---|---|"]  # fmt: skip
+    for name in ("wirekit-probe udp", "smokeping_prober icmp"):
+        if row := pr.get(name):
+            lines.append(f"| {name} | {row['probes_per_s']:.0f} | {row['cpu_us_per_probe']:.0f} | "
+                         f"{row['core_percent']:.1f} |")  # fmt: skip
+    floor = pr.get("rtt_floor_us", {})
+    lines += ["", "| RTT floor on loopback (mean, 500/s to one target) | µs |", "|---|---|"]
+    lines += [f"| {name} | {v:.0f} |" for name, v in floor.items()]
+    if "smokeping_prober icmp" in floor:
+        ratio = floor["wirekit-probe udp"] / floor["smokeping_prober icmp"]
+        lines.append(f"| ratio (target: within 2x) | {ratio:.2f}x |")
+    lines += ["", "| TCP handshake probe | mean µs | CPU µs/probe |", "|---|---|---|"]
+    for name in ("wirekit-probe tcp-connect", "blackbox_exporter tcp"):
+        if row := pr.get(name):
+            lines.append(f"| {name} | {row['mean_us']:.0f} | {row['cpu_us_per_probe']:.0f} |")
+    return [*lines, ""]
 
 
 def plot(report: dict[str, Any], path: Path) -> None:

@@ -2,7 +2,7 @@
 # make stack-up / make stack-down: deploy/stack.yaml on Docker Swarm.
 #   deploy/swarm.sh up   NAME   join or create a one-node swarm, make the token, deploy, wait
 #   deploy/swarm.sh down NAME   remove the stack (services, network, configs) and wait
-# The images wirekit-{echo,cmdexec,udp,prometheus}:$IMAGE_TAG must exist (make stack-up builds
+# The images wirekit-{echo,cmdexec,udp,probe,prometheus}:$IMAGE_TAG must exist (make stack-up builds
 # them). CMDEXEC_TOKEN_FILE (default deploy/secrets/cmdexec_token) holds the token clients
 # use and CMDEXEC_POLICY_FILE (default deploy/secrets/cmdexec-policy.yaml) the identities;
 # both are made by cmdexec-credentials.sh when missing. Edit the policy and run `up` again to

@@ -26,7 +26,7 @@ from testcontainers.core.container import DockerContainer
 from wirekit_testkit import VERSION, OtlpReceiver, Prometheus, free_port, http_ok, tool, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVICES = ("echo", "cmdexec", "udp")
+SERVICES = ("echo", "cmdexec", "udp", "probe")
 #: The base the test images build FROM: CI builds wirekit-base:local (`make base-image`).
 BASE_IMAGE = os.environ.get("WIREKIT_BASE_IMAGE", "wirekit-base:local")
 

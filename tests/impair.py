@@ -12,6 +12,7 @@ loop defence does not answer the same bytes from the same source twice within it
 impairing answers tests the prober, not the target.
 
 One thread, one socket pair, ``select`` with microsecond timeouts and a heap of due sends;
+arrivals timed by the kernel (``SO_TIMESTAMPNS``), holds counted from them;
 ``stop()`` ends it within one tick. Answers are keyed by the probe's sequence number (bytes
 12..20 of wirekit-probe's header); anything else is passed through and counted.
 """
@@ -29,6 +30,20 @@ import time
 from dataclasses import dataclass, field
 
 _SEQ = struct.Struct(">Q")
+SO_TIMESTAMPNS = 35  # Linux; SCM_TIMESTAMPNS is the same number
+_TIMESPEC = struct.Struct("@ll")
+
+
+def _receive(sock: socket.socket) -> tuple[bytes, tuple[str, int], float]:
+    """A datagram, its source, and when the kernel received it (monotonic clock): the
+    relay's own wake-up delay is then not mistaken for the path's."""
+    data, ancillary, _, addr = sock.recvmsg(65536, socket.CMSG_SPACE(_TIMESPEC.size))
+    now = time.monotonic()
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+            sec, nsec = _TIMESPEC.unpack_from(payload)
+            return data, addr, min(now, sec + nsec * 1e-9 - time.time() + now)
+    return data, addr, now
 
 
 @dataclass(frozen=True)
@@ -66,6 +81,8 @@ class UdpImpairmentRelay:
         self.front.bind(("127.0.0.1", 0))
         self.back = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.back.bind(("127.0.0.1", 0))
+        for sock in (self.front, self.back):  # arrivals as the kernel saw them, not this thread
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         self.port = self.front.getsockname()[1]
         self.client: tuple[str, int] | None = None
         self._due: list[tuple[float, int, bytes, int, float, bool]] = []
@@ -129,16 +146,16 @@ class UdpImpairmentRelay:
             readable, _, _ = select.select([self.front, self.back], [], [], min(timeout, 0.05))
             for sock in readable:
                 try:
-                    data, addr = sock.recvfrom(65536)
+                    data, addr, arrived = _receive(sock)
                 except OSError:
                     continue
                 if sock is self.front:
                     self.client = addr
                     if len(data) >= 20:
-                        self._probed[_SEQ.unpack_from(data, 12)[0]] = time.monotonic()
+                        self._probed[_SEQ.unpack_from(data, 12)[0]] = arrived
                     self.back.sendto(data, self.target)
                 elif addr == self.target:
-                    self._answer(data, time.monotonic())
+                    self._answer(data, arrived)
                 else:
                     self.record.other += 1
 

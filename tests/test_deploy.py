@@ -53,11 +53,11 @@ def test_compose_file_is_valid() -> None:
 def test_compose_publishes_on_loopback_only_and_runs_hardened() -> None:
     text = (ROOT / "deploy/compose.yaml").read_text()
     published = re.findall(r'^\s*-\s*"([^"]*:\d+:\d+(?:/udp)?)"', text, flags=re.MULTILINE)
-    assert len(published) >= 9  # echo x3, cmdexec x2, udp x2, prometheus, jaeger
+    assert len(published) >= 10  # echo x3, cmdexec x2, udp x2, probe, prometheus, jaeger
     for mapping in published:
         assert mapping.startswith("127.0.0.1:"), mapping
     services = text[text.index("  echo:") : text.index("  prometheus:")]
-    assert services.count("<<: *hardened") == 3
+    assert services.count("<<: *hardened") == 4
     for line in ("read_only: true", "cap_drop: [ALL]", "no-new-privileges:true"):
         assert line in text
 
@@ -85,7 +85,7 @@ def test_stack_runs_every_service_hardened_replicated_and_reachable_by_dns() -> 
     no ingress: nothing published), updated start-first with rollback, stopped only after the
     drain (the services' 8 s timeout_drain_s), limited in CPU and memory."""
     services = _stack_services()
-    assert set(services) == {"echo", "cmdexec", "udp", "prometheus"}
+    assert set(services) == {"echo", "cmdexec", "udp", "probe", "prometheus"}
     for name, svc in services.items():
         assert svc["read_only"] is True, name
         assert svc["cap_drop"] == ["ALL"], name
@@ -116,6 +116,12 @@ def test_stack_runs_every_service_hardened_replicated_and_reachable_by_dns() -> 
         0o440,
     )
     assert services["cmdexec"]["environment"]["WIREKIT_CMDEXEC_POLICY_FILE"] == policy["target"]
+    # One prober per node, probing every replica of udp and echo by their tasks' names.
+    probe = services["probe"]
+    assert probe["deploy"]["mode"] == "global"
+    assert json.loads(probe["environment"]["WIREKIT_PROBE_TARGETS"]) == [
+        "udp://tasks.udp:7200", "tcp-framed://tasks.echo:7001"]  # fmt: skip
+    assert probe["healthcheck"]["test"][-1] == "9730"
 
 
 def test_offline_compose_override_is_valid() -> None:
@@ -136,7 +142,7 @@ def test_offline_compose_override_is_valid() -> None:
 
 # -- the stack, from `make up` to an alert, as docs/operations.md walks it ------------------------
 #: What compose.yaml publishes on 127.0.0.1 (TCP); the stack test needs them free.
-STACK_TCP_PORTS = (7000, 7001, 9700, 7100, 9710, 9720, 9090)
+STACK_TCP_PORTS = (7000, 7001, 9700, 7100, 9710, 9720, 9730, 9090)
 
 
 def _port_free(port: int) -> bool:
@@ -179,7 +185,7 @@ def offline_stack(docker_client: docker.DockerClient, tmp_path: Path) -> Iterato
                                   timeout=300, check=False, env=env)  # fmt: skip
         subprocess.run([*compose, "down", "-v"], cwd=ROOT, capture_output=True, timeout=300,
                        check=False, env={**env, "IMAGE_TAG": tag})  # fmt: skip
-        for image in ("echo", "cmdexec", "udp", "prometheus"):
+        for image in ("echo", "cmdexec", "udp", "probe", "prometheus"):
             with contextlib.suppress(NotFound):
                 docker_client.images.remove(f"wirekit-{image}:{tag}", force=True)
         docker_client.images.prune(filters={"dangling": True, "label": "org.wirekit.stage=build"})
@@ -189,7 +195,8 @@ def offline_stack(docker_client: docker.DockerClient, tmp_path: Path) -> Iterato
 
 def test_make_up_offline_gets_to_alerts_firing(offline_stack: list[str], tmp_path: Path) -> None:
     """docs/operations.md, on a machine without a registry: `make up OFFLINE=1`, every target
-    up, then both of its "see an alert fire" recipes: wrong cmdexec tokens and a stopped udp."""
+    up (the prober's too), then both of its "see an alert fire" recipes: wrong cmdexec tokens
+    and a stopped udp -- which the prober reports as well."""
     prom = Prometheus("http://127.0.0.1:9090")
 
     def every_target_up() -> bool:
@@ -197,9 +204,12 @@ def test_make_up_offline_gets_to_alerts_firing(offline_stack: list[str], tmp_pat
             ups = {str(r["metric"]["job"]): r["value"][1] for r in prom.query("up")}  # type: ignore[index]
         except OSError:
             return False
-        return ups == {"wirekit-echo": "1", "wirekit-cmdexec": "1", "wirekit-udp": "1"}
+        return ups == {"wirekit-echo": "1", "wirekit-cmdexec": "1", "wirekit-udp": "1",
+                       "wirekit-probe": "1"}  # fmt: skip
 
-    wait_until(every_target_up, 120, "Prometheus in the stack scraping all three services")
+    wait_until(every_target_up, 120, "Prometheus in the stack scraping all four services")
+    # The prober in the stack reaches its three targets by name.
+    wait_until(lambda: prom.value("sum(probe_up)") == 3.0, 120, "the prober's targets up")
     # A scrape that failed while a service was still starting may leave an alert pending until
     # the next rule evaluation; a healthy stack then has none.
     wait_until(lambda: prom.alerts() == [], 60, "no alert in the healthy stack")
@@ -229,6 +239,11 @@ def test_make_up_offline_gets_to_alerts_firing(offline_stack: list[str], tmp_pat
     wait_until(lambda: firing("WirekitTargetDown", "wirekit-udp"), 180,
                "WirekitTargetDown firing for the stopped udp")  # fmt: skip
     assert not firing("WirekitTargetDown", "wirekit-echo")
+    # The prober saw it too: its udp target stopped answering (the name's last address is kept).
+    wait_until(lambda: any(a["labels"]["alertname"] == "WirekitProbeTargetUnreachable"
+                           and a["labels"].get("module") == "udp" and a["state"] == "firing"
+                           for a in prom.alerts()), 240,
+               "WirekitProbeTargetUnreachable firing for udp")  # fmt: skip
 
 
 # -- the compose profile "proxy": HAProxy in front of echo-proxied (PROXY protocol v2) -----------
@@ -272,7 +287,7 @@ def _host_ips(svc: dict[str, Any]) -> list[str]:
 def test_proxy_profile_is_opt_in_loopback_only_and_hardened(files: tuple[str, ...]) -> None:
     default = _compose_config(files)
     services = default["services"]
-    before = {"echo", "cmdexec", "udp", "prometheus"} | (set() if files == OFFLINE
+    before = {"echo", "cmdexec", "udp", "probe", "prometheus"} | (set() if files == OFFLINE
                                                          else {"grafana", "jaeger"})  # fmt: skip
     assert _enabled(services) == before  # `make up` without the profile: as it was
     with_proxy = _compose_config(files, profiles=("proxy",))

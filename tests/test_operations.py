@@ -26,23 +26,35 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 K8S_VERSION = "1.32.0"
 SERVICES = {"echo": "wirekit_echo", "cmdexec": "wirekit_cmdexec", "udp": "wirekit_udp"}
-METRIC = re.compile(r"\b((?:echo|cmdexec|udp|process)_[a-z_]+)\b")
+METRIC = re.compile(r"\b((?:echo|cmdexec|udp|probe|process)_[a-z_]+)\b")
 
 
 # -- the names the services really export ------------------------------------------------------
 @pytest.fixture(scope="module")
 def exported_names() -> Iterator[set[str]]:
-    """Start the three services for real and collect every sample name from their /metrics."""
+    """Start the services and the prober for real and collect every sample name from their
+    /metrics."""
     names = {"up"}
     env = {"PATH": "/usr/bin:/bin", "WIREKIT_CMDEXEC_TOKEN": "ops-wjKPM2YiFjTX8b0Hn92Sdfuzo8jSygo_",
            "WIREKIT_CMDEXEC_ALLOW_ROOT": "true"}  # the tests run as root  # fmt: skip
     with contextlib.ExitStack() as stack:
+        procs = {}
         for module in SERVICES.values():
             ports0 = ["--raw-port", "0", "--framed-port", "0"] if module == "wirekit_echo" else [
                 "--port", "0"]  # fmt: skip
-            proc = stack.enter_context(
+            procs[module] = stack.enter_context(
                 service_process(module, "--metrics-port", "0", *ports0, env=env)
             )
+        # The prober, with a target of each module (its per-target families have samples).
+        udp, echo = procs["wirekit_udp"].ports["udp"], procs["wirekit_echo"].ports
+        targets = [f"udp://127.0.0.1:{udp}", f"tcp-framed://127.0.0.1:{echo['framed']}",
+                   f"tcp-connect://127.0.0.1:{echo['raw']}"]  # fmt: skip
+        prober = stack.enter_context(service_process(
+            "wirekit_probe", "--metrics-port", "0", "--targets", json.dumps(targets),
+            "--rate-per-target", "20"))  # fmt: skip
+        wait_until(lambda: "probe_rtt_seconds_bucket" in urllib.request.urlopen(
+            prober.url("/metrics"), timeout=10).read().decode(), 10, "probe series")  # fmt: skip
+        for proc in [*procs.values(), prober]:
             with urllib.request.urlopen(proc.url("/metrics"), timeout=10) as resp:
                 text = resp.read().decode()
             for family in text_string_to_metric_families(text):
@@ -135,7 +147,18 @@ def test_grafana_provisioning_and_dashboards() -> None:
             if panel["type"] != "row":
                 assert panel["datasource"]["uid"] == uid
                 assert panel["targets"]
-    assert len(uids) == 3
+    probe = json.loads((DEPLOY / "grafana/dashboards/probe.json").read_text())
+    uids.add(probe["uid"])
+    rows = [p["title"] for p in probe["panels"] if p["type"] == "row"]
+    assert rows == ["Loss", "Latency", "Path", "Prober"]
+    titles = [p["title"] for p in probe["panels"]]
+    assert "Loss matrix (prober x target, over the range)" in titles
+    assert "Jitter (RFC 3550)" in titles
+    for panel in probe["panels"]:
+        if panel["type"] != "row":
+            assert panel["datasource"]["uid"] == uid
+            assert panel["targets"]
+    assert len(uids) == 4
 
 
 # -- Kubernetes -------------------------------------------------------------------------------

@@ -178,15 +178,44 @@ def test_every_replica_runs_healthy_and_prometheus_scrapes_all_nine(stack: Stack
         prometheus = f"{stack.name}_prometheus"
         states = [c.attrs["State"].get("Health", {}).get("Status") for c in containers
                   if c.labels["com.docker.swarm.service.name"] != prometheus]  # fmt: skip
-        return states == ["healthy"] * (REPLICAS * len(SERVICES))
+        return states == ["healthy"] * (REPLICAS * len(SERVICES) + 1)  # + the node's prober
 
-    wait_until(healthy, 120, "9 healthy replicas")
+    wait_until(healthy, 120, "9 healthy replicas and the prober")
     for service in SERVICES:
         wait_until(partial(stack.follows, service, REPLICAS), 60, f"Prometheus scraping {service}")
     every = stack.probe_json("query", 'count(up{job=~"wirekit-.*"} == 1)')
-    assert every[0]["value"][1] == str(REPLICAS * len(SERVICES))
+    assert every[0]["value"][1] == str(REPLICAS * len(SERVICES) + 1)
     rules = stack.probe_json("query", "ALERTS")  # the rules are loaded and nothing fires
     assert [r for r in rules if r["metric"]["alertstate"] == "firing"] == []
+
+
+def _probed(stack: Stack, module: str) -> dict[str, str]:
+    """target -> probe_up of the node's prober for that module's targets, in Prometheus."""
+    result = stack.probe_json("query", f'probe_up{{job="wirekit-probe", module="{module}"}}')
+    return {r["metric"]["target"]: r["value"][1] for r in result}
+
+
+def test_the_prober_probes_every_replica_and_follows_scaling(stack: Stack) -> None:
+    """The global prober finds every udp and echo task by name (a full mesh with one node),
+    every path answers, and a scaled service's new and gone replicas are followed."""
+
+    def mesh(service: str, module: str, port: int) -> bool:
+        want = {f"{ip}:{port}" for ip in stack.probe_json("resolve", f"tasks.{service}")}
+        return _probed(stack, module) == dict.fromkeys(want, "1")
+
+    wait_until(lambda: mesh("udp", "udp", 7200), 60, "every udp replica probed and up")
+    wait_until(lambda: mesh("echo", "tcp-framed", 7001), 60, "every echo replica probed, up")
+    lost = stack.probe_json("query", 'sum(probe_probes_lost_total{job="wirekit-probe"})')
+    assert float(lost[0]["value"][1]) == 0
+    stack.swarm("service", "scale", "--detach=false", f"{stack.name}_udp=4")
+    try:
+        # The prober resolves every 5 s; Prometheus scrapes it every 5 s.
+        wait_until(lambda: len(_probed(stack, "udp")) == 4 and mesh("udp", "udp", 7200),
+                   FOLLOW_S + 10, "the fourth udp replica probed")  # fmt: skip
+    finally:
+        stack.swarm("service", "scale", "--detach=false", f"{stack.name}_udp={REPLICAS}")
+    wait_until(lambda: len(_probed(stack, "udp")) == REPLICAS and mesh("udp", "udp", 7200),
+               FOLLOW_S + 10, "the removed replica's series gone")  # fmt: skip
 
 
 def test_clients_on_the_network_reach_every_replica(stack: Stack) -> None:

@@ -22,7 +22,16 @@ from wirekit_servicekit.ratelimit import TokenBucket
 from .runners import Pacer, run_module
 from .series import Series, families
 from .settings import ProbeSettings
-from .targets import Endpoint, Spec, allowed, dns_reason, parse_allow, parse_spec, resolve
+from .targets import (
+    RESOLVE_REASONS,
+    Endpoint,
+    Spec,
+    allowed,
+    dns_reason,
+    parse_allow,
+    parse_spec,
+    resolve,
+)
 from .tracker import Tracker
 
 log = logging.getLogger(__name__)
@@ -131,8 +140,9 @@ class Monitor(Collector):
             "Failed resolutions of a target's name, by reason.",
             labels=["name", "reason"],
         )
-        for (name, reason), n in sorted(self.resolve_errors.items()):
-            errors.add_metric([name, reason], n)
+        for name in sorted({spec.host for spec in self.specs}):
+            for reason in RESOLVE_REASONS:
+                errors.add_metric([name, reason], self.resolve_errors[(name, reason)])
         yield errors
 
     def series_now(self) -> list[Series]:

@@ -47,20 +47,29 @@ class Pacer:
         self.rng = random.Random(seed)  # noqa: S311 -- intervals, not secrets
         self.due: float | None = None  # the first probe goes at once
 
-    async def next(self) -> bool:
-        """Wait for the next probe's time; whether the budget lets it go."""
+    def delay(self) -> float:
+        """Seconds until the next probe's time (0 for the first), the schedule advanced."""
         now = time.monotonic()
         if self.due is None:
             self.due = now
-        else:
-            gap = self.rng.expovariate(self.rate()) if self.poisson else 1.0 / self.rate()
-            self.due = max(self.due + gap, now - 1.0)
-            if self.due > now:
-                await asyncio.sleep(self.due - now)
+            return 0.0
+        gap = self.rng.expovariate(self.rate()) if self.poisson else 1.0 / self.rate()
+        self.due = max(self.due + gap, now - 1.0)
+        return max(0.0, self.due - now)
+
+    def allowed(self) -> bool:
+        """Whether the budget lets a probe go now (a refusal is counted as skipped)."""
         if self.budget is None or self.budget.take(time.monotonic()):
             return True
         self.series.skipped += 1
         return False
+
+    async def next(self) -> bool:
+        """Wait for the next probe's time; whether the budget lets it go."""
+        delay = self.delay()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        return self.allowed()
 
 
 async def _settle(series: Series, timeout_s: float) -> None:
@@ -74,22 +83,39 @@ async def _settle(series: Series, timeout_s: float) -> None:
 async def run_udp(
     series: Series, pacer: Pacer, *, size: int, timeout_s: float, count: int | None = None
 ) -> None:
+    """Driven by timer callbacks, not a task that sleeps: at a thousand probes a second, a
+    callback per probe costs a fraction of a sleep's future and task switch."""
     e = series.endpoint
     address = (e.address, e.port, 0, 0) if ":" in e.address else (e.address, e.port)
     target = UdpTarget(address, e.family, size=size, timeout_s=timeout_s,
                        nonce=secrets.randbits(64), on_rtt=series.on_rtt, tracker=series.tracker,
                        invalid=series.invalid)  # fmt: skip
-    target.start(asyncio.get_running_loop())
+    loop = asyncio.get_running_loop()
+    finished: asyncio.Future[None] = loop.create_future()
+    left = count
+    handle: asyncio.TimerHandle | asyncio.Handle | None = None
+
+    def fire() -> None:
+        nonlocal left, handle
+        series.tracker.expire(time.monotonic())
+        if pacer.allowed():
+            target.send()
+        if left is not None:
+            left -= 1
+            if left <= 0:
+                if not finished.done():
+                    finished.set_result(None)
+                return
+        handle = loop.call_later(pacer.delay(), fire)
+
+    target.start(loop)
     try:
-        sent = 0
-        while count is None or sent < count:
-            go = await pacer.next()
-            series.tracker.expire(time.monotonic())
-            if go:
-                target.send()
-            sent += 1
+        handle = loop.call_later(pacer.delay(), fire)
+        await finished
         await _settle(series, timeout_s)
     finally:
+        if handle is not None:
+            handle.cancel()
         target.close()
 
 
@@ -155,13 +181,20 @@ async def run_tcp_framed(
     """One persistent connection to echo framed, one frame in flight. A frame not back
     within ``timeout_s``, a broken connection, or a reply that is not ours: the probe is lost
     and the connection closed; the next probe connects again (probe_connects_total). A probe
-    that cannot connect is lost too: a dead target is 100 % loss."""
+    that cannot connect is lost too: a dead target is 100 % loss. A connection the echo ended
+    cleanly between probes (its drain half-closes quiet connections) costs no probe: the next
+    one goes on a new connection."""
     tracker, nonce = series.tracker, secrets.randbits(64)
     streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
     try:
         for seq in itertools.count() if count is None else range(count):
             if not await pacer.next():
                 continue
+            if streams is not None and streams[0].at_eof():
+                # The echo ended the connection cleanly between two probes (a drain, a
+                # restart): nothing was owed, so nothing is lost -- connect again.
+                await _close(streams[1])
+                streams = None
             tracker.on_send(seq, time.monotonic())
             if streams is None:
                 streams = await _connect(series, connect_timeout_s)

@@ -23,12 +23,15 @@ from prometheus_client.utils import floatToGoString
 
 from .targets import Endpoint
 from .tracker import Tracker
+from .wire import INVALID_REASONS
 
 #: From a loopback round trip (~50 us) to a satellite hop's worst (5 s).
 RTT_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
                0.1, 0.25, 0.5, 1.0, 2.5, 5.0)  # fmt: skip
 LABELS = ("module", "target", "name")
 CONNECT_RESULTS = ("ok", "refused", "timeout", "error")
+#: The reasons of probe_invalid_replies_total: the datagram's, and a broken framed reply.
+INVALID = (*INVALID_REASONS, "frame")
 
 
 class Histogram:
@@ -114,9 +117,9 @@ def families(series: Iterable[Series], up_window_s: float) -> Iterator[Metric]:
         "Datagrams or frames that were not replies to our probes, by reason.",
         labels=[*LABELS, "reason"],
     )
-    for s in every:
-        for reason, n in sorted(s.invalid.items()):
-            invalid.add_metric([*s.labels, reason], n)
+    for s in every:  # every reason from the start (0 until seen): rate() works at once
+        for reason in INVALID:
+            invalid.add_metric([*s.labels, reason], s.invalid[reason])
     yield invalid
     rtt = HistogramMetricFamily("probe_rtt_seconds", "Round trips of replies on time "
                                 "(tcp-connect: the handshake).", labels=LABELS)  # fmt: skip

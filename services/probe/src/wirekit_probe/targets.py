@@ -10,6 +10,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 MODULES = ("udp", "tcp-framed", "tcp-connect")
+#: Why a name did not resolve: the ``reason`` of probe_resolve_errors_total.
+RESOLVE_REASONS = ("nxdomain", "temporary", "timeout", "error")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 

@@ -3,9 +3,10 @@
 One unconnected socket per target, so that a reply from any other address or port is seen --
 and counted as ``wrong_source`` and ignored -- rather than filtered by the kernel unseen. The
 kernel is asked for each reply's TTL (IPv4 ``IP_RECVTTL``) or hop limit (IPv6
-``IPV6_RECVHOPLIMIT``). Replies are read with ``recvmsg`` from the loop's reader callback, up
-to ``BATCH`` per wake-up; nothing here blocks or waits without a deadline: a probe without an
-answer is declared lost by ``Tracker.expire``.
+``IPV6_RECVHOPLIMIT``) and the time it received it (``SO_TIMESTAMPNS``): a round trip ends when
+the reply reached this host, not when a busy loop got round to it. Replies are read with
+``recvmsg`` from the loop's reader callback, up to ``BATCH`` per wake-up; nothing here blocks
+or waits without a deadline: a probe without an answer is declared lost by ``Tracker.expire``.
 """
 
 from __future__ import annotations
@@ -24,19 +25,32 @@ from .wire import MAX_SIZE, NotAReply, decode, encode
 #: Linux's values where Python does not name them.
 IP_RECVTTL = getattr(socket, "IP_RECVTTL", 12)
 IP_TTL = socket.IP_TTL
-BATCH = 64
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # SCM_TIMESTAMPNS is the same number
 _INT = struct.Struct("@i")
-_ANCILLARY = socket.CMSG_SPACE(_INT.size)
+_TIMESPEC = struct.Struct("@ll")
+_ANCILLARY = socket.CMSG_SPACE(_INT.size) + socket.CMSG_SPACE(_TIMESPEC.size)
+#: Replies read per wake-up before the loop gets its turn back.
+BATCH = 16
 
 
-def _ttl(ancillary: list[tuple[int, int, bytes]]) -> int | None:
+def _ttl_and_arrival(ancillary: list[tuple[int, int, bytes]]) -> tuple[int | None, float]:
+    """The reply's TTL (or hop limit), and when the kernel received it on the monotonic clock:
+    its receive timestamp (``SO_TIMESTAMPNS``, on the real-time clock) moved to the monotonic
+    one -- so that a busy prober's late wake-up is not counted in the round trip. Now, when the
+    kernel gave no timestamp."""
+    ttl, arrival = None, None
     for level, kind, data in ancillary:
-        if len(data) >= _INT.size and (
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= _TIMESPEC.size:
+            sec, nsec = _TIMESPEC.unpack_from(data)
+            arrival = sec + nsec * 1e-9 - time.time() + time.monotonic()
+        elif len(data) >= _INT.size and (
             (level == socket.IPPROTO_IP and kind == IP_TTL)
             or (level == socket.IPPROTO_IPV6 and kind == socket.IPV6_HOPLIMIT)
         ):
-            return int(_INT.unpack_from(data)[0])
-    return None
+            ttl = int(_INT.unpack_from(data)[0])
+    now = time.monotonic()
+    # Never later than now, never before a clock step could make it absurd (a second back).
+    return ttl, now if arrival is None or not now - 1.0 < arrival <= now else arrival
 
 
 class UdpTarget:
@@ -68,6 +82,7 @@ class UdpTarget:
         self.sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             self.sock.setblocking(False)
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             if family == socket.AF_INET6:
                 self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVHOPLIMIT, 1)
             else:
@@ -107,7 +122,8 @@ class UdpTarget:
                 return
             except OSError:  # an ICMP error for an earlier probe (port unreachable): no reply
                 continue
-            self.on_datagram(data, addr, time.monotonic(), _ttl(ancillary))
+            ttl, arrival = _ttl_and_arrival(ancillary)
+            self.on_datagram(data, addr, arrival, ttl)
 
     def on_datagram(self, data: bytes, addr: tuple[Any, ...], now: float, ttl: int | None) -> None:
         if (addr[0], addr[1]) != self._key:
