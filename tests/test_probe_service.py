@@ -96,8 +96,10 @@ def test_a_series_per_target_and_dead_targets_are_total_loss(
             assert value(got, "probe_up", **labels) == 1, module
             assert value(got, "probe_probes_received_total", **labels) >= 19, module
             assert value(got, "probe_probes_lost_total", **labels) == 0, module
-            assert value(got, "probe_rtt_seconds_count", **labels) == value(
-                got, "probe_probes_received_total", **labels)  # fmt: skip
+            # One RTT observed per reply (the families are read one after the other while the
+            # probes go on: a reply or two may land between them).
+            observed = value(got, "probe_rtt_seconds_count", **labels)
+            assert abs(observed - value(got, "probe_probes_received_total", **labels)) <= 2
         assert value(got, "probe_hops", module="udp", target=live["udp"], name="127.0.0.1") == 0
         assert value(got, "probe_connects_total", module="tcp-framed", target=live["tcp-framed"],
                      name="127.0.0.1", result="ok") == 1  # one persistent connection  # fmt: skip
@@ -109,9 +111,11 @@ def test_a_series_per_target_and_dead_targets_are_total_loss(
             sent_now = value(got, "probe_probes_sent_total", **labels)
             if module == "udp":  # the last 0.3 s of probes are in flight: about 6 at 20/s
                 assert sent_now - 25 <= lost <= sent_now, (lost, sent_now)
-            else:  # a probe that cannot connect is lost at once
-                assert lost == sent_now, (module, lost, sent_now)
-                assert value(got, "probe_connects_total", result="refused", **labels) == lost
+            else:  # a probe that cannot connect is lost at once (a scrape may fall between
+                # the send, the refusal and the loss of the probe in flight: 2 at most)
+                assert sent_now - 2 <= lost <= sent_now, (module, lost, sent_now)
+                refused = value(got, "probe_connects_total", result="refused", **labels)
+                assert abs(refused - lost) <= 2, (module, refused, lost)
         proc.popen.send_signal(signal.SIGTERM)
         assert proc.popen.wait(30) == 0
         proc.assert_clean_log()

@@ -183,6 +183,10 @@ def test_every_replica_runs_healthy_and_prometheus_scrapes_all_nine(stack: Stack
     wait_until(healthy, 120, "9 healthy replicas and the prober")
     for service in SERVICES:
         wait_until(partial(stack.follows, service, REPLICAS), 60, f"Prometheus scraping {service}")
+    # The node's prober too (one task: global on one node), found by Prometheus like the rest.
+    wait_until(lambda: stack.up("probe") == dict.fromkeys(
+        {f"{ip}:9730" for ip in stack.probe_json("resolve", "tasks.probe")}, "1") != {},
+        60, "Prometheus scraping the prober")  # fmt: skip
     every = stack.probe_json("query", 'count(up{job=~"wirekit-.*"} == 1)')
     assert every[0]["value"][1] == str(REPLICAS * len(SERVICES) + 1)
     rules = stack.probe_json("query", "ALERTS")  # the rules are loaded and nothing fires

@@ -43,3 +43,40 @@ async def test_replies_that_are_not_answers_are_counted_and_ignored() -> None:
         probe.close()
         target.close()
         stranger.close()
+
+
+async def test_a_flood_of_junk_is_counted_and_the_probes_go_on() -> None:
+    """Thousands of datagrams that are not replies: each counted (or dropped by the kernel's
+    buffer, never queued by us), the loop never stalls, and the next real reply is taken."""
+    loop = asyncio.get_running_loop()
+    target = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    target.bind(("127.0.0.1", 0))
+    target.settimeout(5)
+    nonce = secrets.randbits(64)
+    probe = UdpTarget(target.getsockname(), socket.AF_INET, size=64, timeout_s=5.0, nonce=nonce)
+    try:
+        probe.start(loop)
+        probe.send()
+        first, prober = target.recvfrom(2048)
+        target.sendto(first, prober)
+        for i in range(5000):
+            target.sendto(encode(nonce ^ 1, i, 0, 64) if i % 2 else b"x" * (i % 200), prober)
+            if i % 500 == 0:
+                await asyncio.sleep(0)  # the prober reads while the flood goes on
+        seen = -1
+        async with asyncio.timeout(20):
+            while sum(probe.invalid.values()) != seen:  # until the socket is drained
+                seen = sum(probe.invalid.values())
+                await asyncio.sleep(0.1)
+        assert probe.tracker.received == 1
+        assert 0 < seen <= 5000
+        assert set(probe.invalid) <= {"short", "magic", "nonce"}
+        probe.send()  # the probes go on
+        second, _ = target.recvfrom(2048)
+        target.sendto(second, prober)
+        async with asyncio.timeout(10):
+            while probe.tracker.received < 2:  # noqa: ASYNC110 -- polls a count
+                await asyncio.sleep(0.01)
+    finally:
+        probe.close()
+        target.close()

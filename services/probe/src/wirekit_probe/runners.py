@@ -153,10 +153,8 @@ async def run_tcp_connect(
 ) -> None:
     """Each probe a handshake: sent = attempts, received = handshakes, rtt = its time."""
     tracker = series.tracker
-    seq = 0
-    while count is None or seq < count:
+    for seq in itertools.count() if count is None else range(count):
         if not await pacer.next():
-            seq += 1
             continue
         tracker.on_send(seq, time.monotonic())
         streams = await _connect(series, connect_timeout_s)
@@ -166,7 +164,6 @@ async def run_tcp_connect(
             _, rtt = tracker.on_reply(seq, time.monotonic())
             series.on_rtt(rtt)
             await _close(streams[1])
-        seq += 1
 
 
 async def run_tcp_framed(
