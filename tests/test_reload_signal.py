@@ -30,7 +30,7 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-from wirekit_testkit import http_get, wait_until
+from wirekit_testkit import http_get, http_ok, service_process, wait_until
 
 from wirekit_cmdexec.client import CmdexecClient, RemoteError
 from wirekit_cmdexec.tokens import hash_token
@@ -176,3 +176,29 @@ def test_sighup_at_any_moment_of_the_start_reloads_and_never_kills(
             if popen.poll() is None:
                 popen.kill()
             popen.wait(10)
+
+
+@pytest.mark.parametrize(
+    ("module", "args"),
+    [
+        pytest.param("wirekit_udp", ("--port", "0"), id="udp"),
+        pytest.param("wirekit_udp", ("--port", "0", "--workers", "2"), id="udp-workers"),
+        pytest.param("wirekit_echo", ("--raw-port", "0", "--framed-port", "0"), id="echo"),
+        pytest.param("wirekit_probe", (), id="probe"),
+    ],
+)
+def test_sighup_to_a_service_without_reload_is_logged_not_fatal(
+    module: str, args: tuple[str, ...]
+) -> None:
+    """`docker kill -s HUP` (or a reload sent to the wrong service): before, the default action
+    ended echo, udp and the prober with status 129; now it is one log line and they serve on."""
+    with service_process(module, "--metrics-port", "0", *args) as proc:
+        proc.popen.send_signal(signal.SIGHUP)
+        wait_until(lambda: any("SIGHUP: nothing to reload" in line for line in proc.lines), 10,
+                   "the SIGHUP logged")  # fmt: skip
+        time.sleep(0.5)
+        assert proc.popen.poll() is None, proc.lines[-5:]
+        assert http_ok(proc.url("/readyz"))
+        proc.popen.send_signal(signal.SIGTERM)
+        assert proc.popen.wait(30) == 0
+        proc.assert_clean_log()

@@ -36,14 +36,20 @@ def test_reordered_duplicate_late_unknown() -> None:
     assert (t.sent, t.received, t.lost, t.late, t.duplicate, t.reordered) == (4, 2, 2, 1, 2, 1)
 
 
-def test_in_flight_is_bounded() -> None:
-    t = Tracker(timeout_s=10.0, limit=100)
+def test_memory_is_bounded() -> None:
+    t = Tracker(timeout_s=10.0, limit=100, window=64)
     for seq in range(1000):
         t.on_send(seq, 0.0)
     assert t.in_flight == 100
     assert t.lost == 900
-    assert len(t._expired) <= 100
-    assert len(t._answered) <= 100
+    for seq in range(1000, 100_000):  # answered at once: nothing grows
+        t.on_send(seq, 0.0)
+        t.on_reply(seq, 0.001)
+    assert t.in_flight <= 100
+    assert (len(t._seqs), len(t._states)) == (64, 64)
+    # The latest 64 are remembered; an answer to anything older is unknown.
+    assert t.on_reply(99_999, 0.002)[0] is Outcome.DUPLICATE
+    assert t.on_reply(99_000, 0.002)[0] is Outcome.UNKNOWN
 
 
 @pytest.mark.parametrize(("ttl", "hops"), [(64, 0), (63, 1), (1, 63), (128, 0), (120, 8),

@@ -19,17 +19,20 @@ The rules (what the metrics and the summary mean):
   usual initial values (64, 128, 255) not below it, minus it. An echo that sets its own TTL
   shows the path back from it; wirekit-udp and most hosts start at 64.
 
-Memory: the probes in flight (at most ``limit``; beyond it the oldest are declared lost) and
-the last ``limit`` sequence numbers answered or lost, to recognise duplicates and late replies.
+Memory: the probes in flight (at most ``limit``; beyond it the oldest are declared lost) and a
+ring of the last ``window`` sequence numbers answered or lost (36 KiB), to recognise duplicates
+and late replies -- a reply to a probe older than that is ``unknown``.
 """
 
 from __future__ import annotations
 
 import enum
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 INITIAL_TTLS = (64, 128, 255)
+_NONE, _ANSWERED, _LOST = 0, 1, 2
 
 
 class Outcome(enum.Enum):
@@ -51,6 +54,8 @@ def hops_from_ttl(ttl: int) -> int:
 class Tracker:
     timeout_s: float
     limit: int = 65_536
+    #: How many of the latest sequence numbers are remembered as answered or lost.
+    window: int = 4096
     sent: int = 0
     received: int = 0
     lost: int = 0
@@ -62,8 +67,14 @@ class Tracker:
     last_ttl: int | None = None
     _next_expected: int = 0
     _in_flight: OrderedDict[int, float] = field(default_factory=OrderedDict)
-    _answered: OrderedDict[int, None] = field(default_factory=OrderedDict)
-    _expired: OrderedDict[int, None] = field(default_factory=OrderedDict)
+    #: A ring of the last ``window`` sequence numbers answered or lost (slot seq % window):
+    #: which number holds the slot, and its state -- 9 bytes a slot, nothing that grows.
+    _seqs: array[int] = field(init=False)
+    _states: bytearray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._seqs = array("q", [-1]) * self.window
+        self._states = bytearray(self.window)
 
     @property
     def in_flight(self) -> int:
@@ -98,18 +109,18 @@ class Tracker:
         (0.0 otherwise)."""
         sent_at = self._in_flight.pop(seq, None)
         if sent_at is None:
-            if seq in self._answered:
+            state = self._state(seq)
+            if state == _ANSWERED:
                 self.duplicate += 1
                 return Outcome.DUPLICATE, 0.0
-            if seq in self._expired:
-                del self._expired[seq]
-                self._remember(self._answered, seq)  # a second copy is a duplicate
+            if state == _LOST:
+                self._remember(seq, _ANSWERED)  # a second copy is a duplicate
                 self.late += 1
                 return Outcome.LATE, 0.0
             return Outcome.UNKNOWN, 0.0
         rtt = max(0.0, now - sent_at)
         self.received += 1
-        self._remember(self._answered, seq)
+        self._remember(seq, _ANSWERED)
         if seq < self._next_expected:
             self.reordered += 1
         else:
@@ -127,9 +138,13 @@ class Tracker:
 
     def _lose(self, seq: int) -> None:
         self.lost += 1
-        self._remember(self._expired, seq)
+        self._remember(seq, _LOST)
 
-    def _remember(self, table: OrderedDict[int, None], seq: int) -> None:
-        table[seq] = None
-        if len(table) > self.limit:
-            table.popitem(last=False)
+    def _state(self, seq: int) -> int:
+        slot = seq % self.window
+        return self._states[slot] if self._seqs[slot] == seq else _NONE
+
+    def _remember(self, seq: int, state: int) -> None:
+        slot = seq % self.window
+        self._seqs[slot] = seq
+        self._states[slot] = state

@@ -19,6 +19,7 @@ import logging
 import signal
 import socket
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 
 from .hub import (
     REJECT_REASONS,
@@ -177,6 +178,8 @@ async def run(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     on_reload = next((p.callback for p in parts if isinstance(p, Reload)), None)
+    if on_reload is None:  # nothing to reload: a SIGHUP (`docker kill -s HUP`) must not kill it
+        on_reload = partial(log.info, "SIGHUP: nothing to reload")
     reload_held = RELOAD_SIGNAL in signal.pthread_sigmask(signal.SIG_BLOCK, ())
     if on_reload is not None and _install(loop, RELOAD_SIGNAL, on_reload) and release():
         on_reload()  # a SIGHUP came while the service started

@@ -232,6 +232,8 @@ class Supervisor:
             loop.add_signal_handler(signal.SIGHUP, self.handle_hup)
             if release():
                 self.handle_hup()
+        else:  # nothing to reload: a SIGHUP must not kill the instance
+            loop.add_signal_handler(signal.SIGHUP, log.info, "SIGHUP: nothing to reload")
 
     # -- state ------------------------------------------------------------------------------
     def ready(self) -> bool:
