@@ -233,7 +233,7 @@ MUTANTS = [
     Mutant("probe tracker: RFC 4737 next-expected never advances", PR + "tracker.py",
            "            self._next_expected = seq + 1", "            pass", PROBE_T),
     Mutant("probe tracker: a late reply counted as received", PR + "tracker.py",
-           "            if seq in self._expired:", "            if False:", PROBE_T),
+           "            if state == _LOST:", "            if False:", PROBE_T),
     Mutant("probe wire: another session's probes taken", PR + "wire.py",
            "    if got_nonce != nonce:", "    if False:", PROBE_T),
     Mutant("probe udp: replies from anywhere taken", PR + "udp.py",
