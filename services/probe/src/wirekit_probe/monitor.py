@@ -85,7 +85,7 @@ class Monitor(Collector):
         for spec in self.specs:
             try:
                 async with asyncio.timeout(RESOLVE_TIMEOUT_S):
-                    found = await resolve(spec)
+                    found = await resolve(spec, self.settings.dns_servers)
             except TimeoutError:
                 self._failed(spec, "timeout")
                 continue  # a failed resolution keeps what the last one found
@@ -211,7 +211,7 @@ class ProbeEndpoint(Collector):
     async def burst(self, spec: Spec, count: int) -> tuple[int, str]:
         try:
             async with asyncio.timeout(RESOLVE_TIMEOUT_S):
-                found = await resolve(spec)
+                found = await resolve(spec, self.settings.dns_servers)
         except (OSError, TimeoutError) as exc:
             reason = "timeout" if isinstance(exc, TimeoutError) else dns_reason(exc)
             return 400, f"cannot resolve {spec.host!r}: {reason}"

@@ -8,7 +8,7 @@ from pydantic_settings import SettingsConfigDict
 from wirekit_servicekit import ServiceSettings
 from wirekit_servicekit.settings import metrics_port_field
 
-from .targets import parse_allow, parse_spec
+from .targets import parse_allow, parse_nameserver, parse_spec
 from .wire import MAX_SIZE, MIN_SIZE
 
 
@@ -22,9 +22,15 @@ class ProbeSettings(ServiceSettings):
     targets: list[str] = Field(
         default_factory=list,
         description="Targets probed continuously, each MODULE://HOST:PORT with MODULE udp, "
-        "tcp-framed or tcp-connect (JSON list). A name is resolved again every "
-        "resolve_interval_s and each of its addresses (A and AAAA) is a target of its own: "
-        "tasks.<service> in Docker Swarm, a headless Service in Kubernetes.",
+        "tcp-framed or tcp-connect, or MODULE+srv://NAME: every host and port the SRV records "
+        "of NAME give (JSON list). A name is resolved again every resolve_interval_s and each "
+        "of its addresses (A and AAAA) is a target of its own: tasks.<service> in Docker "
+        "Swarm, a headless Service in Kubernetes.",
+    )  # fmt: skip
+    dns_servers: list[str] = Field(
+        default_factory=list,
+        description="Nameservers the SRV targets (MODULE+srv://NAME) are asked, each IP or "
+        "IP:PORT ([IPv6]:PORT) (JSON list). Empty: the system's, from /etc/resolv.conf.",
     )  # fmt: skip
     resolve_interval_s: float = Field(
         30.0, gt=0, description="Seconds between two resolutions of the targets' names."
@@ -71,6 +77,13 @@ class ProbeSettings(ServiceSettings):
     def _targets(cls, value: list[str]) -> list[str]:
         for text in value:
             parse_spec(text)  # a ValueError names the bad one
+        return value
+
+    @field_validator("dns_servers")
+    @classmethod
+    def _dns_servers(cls, value: list[str]) -> list[str]:
+        for text in value:
+            parse_nameserver(text)
         return value
 
     @field_validator("probe_allow")
