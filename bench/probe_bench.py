@@ -9,7 +9,9 @@ blackbox_exporter's tcp module (Debian's prometheus-blackbox-exporter), on the s
   count, exact): wirekit-probe udp to wirekit-udp (a userspace answer -- a process woken, a
   Python callback -- is inside the round trip; the prober itself times the reply's arrival with
   the kernel's receive timestamp) and smokeping_prober ICMP to 127.0.0.1 (answered by the kernel
-  itself).
+  itself). The same prober against a bare uvloop ``DatagramProtocol`` echo (bench/servers)
+  separates what the prober adds from what the reflector adds: on this kind of machine most of
+  a loopback round trip is waking the reflector's process.
 - TCP: wirekit-probe tcp-connect to wirekit-echo raw at 100/s (mean handshake from its
   histogram, CPU per probe) and blackbox_exporter's tcp_connect module asked 300 times through
   /probe (mean probe_duration_seconds, CPU per probe: the HTTP request is part of its cost).
@@ -36,7 +38,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 PY = sys.executable
 TARGETS = 100
-UDP_PORT, UDP_METRICS, ECHO_PORT, ECHO_METRICS = 18501, 18502, 18503, 18504
+UDP_PORT, UDP_METRICS, ECHO_PORT, ECHO_METRICS, BARE_PORT = 18501, 18502, 18503, 18504, 18508
 PROBE_METRICS, SMOKE_PORT, BLACKBOX_PORT = 18505, 18506, 18507
 
 
@@ -158,6 +160,21 @@ def main() -> None:
                                                                     "probe_rtt_seconds") * 1e6}  # fmt: skip
         finally:
             stop(probe)
+        bare = subprocess.Popen([PY, str(Path(__file__).parent / "servers" / "refecho.py"),
+                                 "udp-uvloop", str(BARE_PORT)], stdout=subprocess.PIPE)  # fmt: skip
+        try:
+            assert bare.stdout is not None
+            assert bare.stdout.readline().strip() == b"ready"
+            probe = wirekit_probe([f"udp://127.0.0.1:{BARE_PORT}"], 500.0)
+            try:
+                time.sleep(seconds / 2)
+                report["rtt_floor_us"]["wirekit-probe udp to a bare uvloop echo"] = (
+                    mean_rtt(PROBE_METRICS, "probe_rtt_seconds") * 1e6
+                )
+            finally:
+                stop(probe)
+        finally:
+            stop(bare)
         smoke = smokeping(["127.0.0.1"], "2ms")
         if smoke is not None:
             try:

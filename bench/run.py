@@ -673,6 +673,9 @@ def render_probe(pr: dict[str, Any]) -> list[str]:
     if "smokeping_prober icmp" in floor:
         ratio = floor["wirekit-probe udp"] / floor["smokeping_prober icmp"]
         lines.append(f"| ratio (target: within 2x) | {ratio:.2f}x |")
+        if bare := floor.get("wirekit-probe udp to a bare uvloop echo"):
+            lines.append(f"| ratio, the prober alone (a bare uvloop reflector) | "
+                         f"{bare / floor['smokeping_prober icmp']:.2f}x |")  # fmt: skip
     lines += ["", "| TCP handshake probe | mean µs | CPU µs/probe |", "|---|---|---|"]
     for name in ("wirekit-probe tcp-connect", "blackbox_exporter tcp"):
         if row := pr.get(name):

@@ -4,9 +4,12 @@ name, Prometheus scrapes its series, and /probe answers through the published po
 from __future__ import annotations
 
 import json
+import math
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from testcontainers.core.container import DockerContainer
@@ -14,6 +17,33 @@ from testcontainers.core.network import Network
 from wirekit_testkit import Prometheus, hardened, host_port, wait_ready, wait_until
 
 Start = Callable[[DockerContainer], DockerContainer]
+DASHBOARD = Path(__file__).resolve().parents[1] / "deploy/grafana/dashboards/probe.json"
+#: What Grafana puts for the dashboard's variables when every value is chosen ("All"), and for
+#: its own range macros (a rate window of 15 s is four of this Prometheus' 1 s scrapes).
+GRAFANA = {"$instance": ".+", "$module": ".+", "$__range": "1m", "$__rate_interval": "15s"}
+
+
+def render(prom: Prometheus) -> dict[str, list[float]]:
+    """What Grafana would draw: every panel's every query run against the real Prometheus,
+    the variables filled in as Grafana fills them; title -> every value it returned."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    for variable in dashboard["templating"]["list"]:
+        if variable["type"] == "query":  # label_values(METRIC, LABEL): the values to choose from
+            metric, label = variable["query"].removeprefix("label_values(").rstrip(")").split(", ")
+            query = urllib.parse.urlencode({"match[]": metric})
+            with urllib.request.urlopen(f"{prom.base}/api/v1/label/{label}/values?{query}",
+                                        timeout=5) as resp:  # fmt: skip
+                assert json.load(resp)["data"], f"variable {variable['name']}: no values"
+    drawn: dict[str, list[float]] = {}
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            for name, value in GRAFANA.items():
+                expr = expr.replace(name, value)
+            assert "$" not in expr, expr
+            values = [float(r["value"][1]) for r in prom.query(expr)]  # type: ignore[index]
+            drawn.setdefault(panel["title"], []).extend(values)
+    return drawn
 
 
 @pytest.fixture
@@ -49,6 +79,14 @@ def test_probe_image_probes_udp_and_echo_by_name(
         lost = prom.value(f'sum(probe_probes_lost_total{{module="{module}"}})')
         assert lost == 0, module
     assert prom.value('probe_hops{module="udp", name="udp"}') == 0  # one bridge, no router
+    # The dashboard draws: every panel has data, every value a number (no NaN from a division
+    # or a quantile over nothing), losses 0, RTT quantiles inside the histogram's range.
+    wait_until(lambda: all(render(prom).values()), 60, "every panel of probe.json drawn")
+    drawn = render(prom)
+    for title, values in drawn.items():
+        assert values and all(math.isfinite(v) for v in values), (title, values)
+    assert max(drawn["Loss matrix (prober x target, over the range)"]) == 0
+    assert all(0 < v < 1 for v in drawn["RTT p50 / p90 / p99"])
     # /probe through the published port: a listed name answers, another is refused.
     with urllib.request.urlopen(
         f"http://127.0.0.1:{port}/probe?target=udp:7200&module=udp&count=5", timeout=60

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import itertools
+import math
 import random
 import secrets
 import time
+import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -23,6 +26,97 @@ from .udp import UdpTarget
 from .wire import MAX_SIZE, NotAReply, decode, encode
 
 Rate = Callable[[], float]
+
+#: How much earlier than its time a udp probe may go so that it shares a wake-up with others
+#: (never more than a quarter of its target's mean interval): see :class:`Scheduler`.
+SLACK_S = 0.02
+
+
+class _Entry:
+    __slots__ = ("callback", "due", "earliest")
+
+    def __init__(self, due: float, earliest: float, callback: Callable[[], None]) -> None:
+        self.due, self.earliest = due, earliest
+        self.callback: Callable[[], None] | None = callback
+
+    def cancel(self) -> None:
+        self.callback = None
+
+
+class Scheduler:
+    """One timer for every udp runner of a loop. Each probe has a time (``due``, on the
+    Poisson schedule) and may go up to ``slack`` before it; one wake-up sends every probe whose
+    window is open. At 1,000 probes/s over 100 targets a wake-up costs more than the probe
+    itself (about 60 us here, with an empty callback), and twenty probes share one instead of
+    each having its own -- and their replies come back together. The round trip is timed from
+    the real send, so the estimates are unchanged; a target's own probes still go one by one
+    (the slack is at most a quarter of its mean interval), and the intervals stay exponential
+    at scales above the slack (RFC 2330 11.1.1 allows for the clock's granularity)."""
+
+    _of: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Scheduler] = (
+        weakref.WeakKeyDictionary()
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._heap: list[tuple[float, int, _Entry]] = []  # (due, order, entry): compared in C
+        self._order = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        self._when = math.inf
+        self._ticking = False
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> Scheduler:
+        """The loop's scheduler (one per loop, made when first asked)."""
+        found = cls._of.get(loop)
+        if found is None:
+            found = cls._of[loop] = cls(loop)
+        return found
+
+    def call_later(self, delay: float, slack: float, callback: Callable[[], None]) -> _Entry:
+        due = time.monotonic() + delay
+        entry = _Entry(due, due - min(slack, delay), callback)
+        heapq.heappush(self._heap, (due, next(self._order), entry))
+        if not self._ticking and due < self._when:
+            self._arm()
+        return entry
+
+    def _arm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        heap = self._heap
+        while heap and heap[0][2].callback is None:
+            heapq.heappop(heap)
+        if not heap:
+            self._when = math.inf
+            return
+        self._when = heap[0][0]
+        self._timer = self.loop.call_later(max(0.0, self._when - time.monotonic()), self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        now = time.monotonic()
+        heap, ready, later = self._heap, [], []
+        while heap and heap[0][0] - SLACK_S <= now:
+            item = heapq.heappop(heap)
+            entry = item[2]
+            if entry.callback is not None:
+                if entry.earliest <= now:
+                    ready.append(entry)
+                else:
+                    later.append(item)
+        for item in later:
+            heapq.heappush(heap, item)
+        self._ticking = True
+        try:
+            for entry in ready:  # what they schedule goes in the heap for the next wake-up
+                callback, entry.callback = entry.callback, None
+                if callback is not None:
+                    callback()
+        finally:
+            self._ticking = False
+            self._arm()
 
 
 class Pacer:
@@ -46,6 +140,7 @@ class Pacer:
         seed = seed if seed is not None else secrets.randbits(64)
         self.rng = random.Random(seed)  # noqa: S311 -- intervals, not secrets
         self.due: float | None = None  # the first probe goes at once
+        self._rate = 0.0  # rate() when the schedule was last advanced
 
     def delay(self) -> float:
         """Seconds until the next probe's time (0 for the first), the schedule advanced."""
@@ -53,9 +148,15 @@ class Pacer:
         if self.due is None:
             self.due = now
             return 0.0
-        gap = self.rng.expovariate(self.rate()) if self.poisson else 1.0 / self.rate()
+        rate = self._rate = self.rate()
+        gap = self.rng.expovariate(rate) if self.poisson else 1.0 / rate
         self.due = max(self.due + gap, now - 1.0)
         return max(0.0, self.due - now)
+
+    def slack(self) -> float:
+        """How early a probe may go to share a wake-up: SLACK_S, at most a quarter of the
+        mean interval."""
+        return min(SLACK_S, 0.25 / (self._rate or self.rate()))
 
     def allowed(self) -> bool:
         """Whether the budget lets a probe go now (a refusal is counted as skipped)."""
@@ -83,17 +184,19 @@ async def _settle(series: Series, timeout_s: float) -> None:
 async def run_udp(
     series: Series, pacer: Pacer, *, size: int, timeout_s: float, count: int | None = None
 ) -> None:
-    """Driven by timer callbacks, not a task that sleeps: at a thousand probes a second, a
-    callback per probe costs a fraction of a sleep's future and task switch."""
+    """Driven by the loop's :class:`Scheduler`, not a task that sleeps: at a thousand probes a
+    second, a callback costs a fraction of a sleep's future and task switch, and probes of
+    several targets share a wake-up."""
     e = series.endpoint
     address = (e.address, e.port, 0, 0) if ":" in e.address else (e.address, e.port)
     target = UdpTarget(address, e.family, size=size, timeout_s=timeout_s,
                        nonce=secrets.randbits(64), on_rtt=series.on_rtt, tracker=series.tracker,
                        invalid=series.invalid)  # fmt: skip
     loop = asyncio.get_running_loop()
+    scheduler = Scheduler.of(loop)
     finished: asyncio.Future[None] = loop.create_future()
     left = count
-    handle: asyncio.TimerHandle | asyncio.Handle | None = None
+    handle: _Entry | None = None
 
     def fire() -> None:
         nonlocal left, handle
@@ -106,11 +209,11 @@ async def run_udp(
                 if not finished.done():
                     finished.set_result(None)
                 return
-        handle = loop.call_later(pacer.delay(), fire)
+        handle = scheduler.call_later(pacer.delay(), pacer.slack(), fire)
 
     target.start(loop)
     try:
-        handle = loop.call_later(pacer.delay(), fire)
+        handle = scheduler.call_later(pacer.delay(), pacer.slack(), fire)
         await finished
         await _settle(series, timeout_s)
     finally:

@@ -5,13 +5,15 @@ and counted as ``wrong_source`` and ignored -- rather than filtered by the kerne
 kernel is asked for each reply's TTL (IPv4 ``IP_RECVTTL``) or hop limit (IPv6
 ``IPV6_RECVHOPLIMIT``) and the time it received it (``SO_TIMESTAMPNS``): a round trip ends when
 the reply reached this host, not when a busy loop got round to it. Replies are read with
-``recvmsg`` from the loop's reader callback, up to ``BATCH`` per wake-up; nothing here blocks
+``recvmsg`` from the loop's reader callback, one per call (the loop calls it again while more
+are queued, so a flood of junk cannot hold the loop; and no call ends in a failed read); nothing here blocks
 or waits without a deadline: a probe without an answer is declared lost by ``Tracker.expire``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import socket
 import struct
 import time
@@ -29,8 +31,20 @@ SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # SCM_TIMESTAMPNS is the
 _INT = struct.Struct("@i")
 _TIMESPEC = struct.Struct("@ll")
 _ANCILLARY = socket.CMSG_SPACE(_INT.size) + socket.CMSG_SPACE(_TIMESPEC.size)
-#: Replies read per wake-up before the loop gets its turn back.
-BATCH = 16
+
+
+class _Clock:
+    """The real-time clock's lead over the monotonic one, read again every second (so that a
+    step of the real-time clock is followed within a second): a kernel receive timestamp is
+    moved to the monotonic clock with one subtraction instead of two clock reads a reply."""
+
+    __slots__ = ("lead", "until")
+
+    def __init__(self) -> None:
+        self.lead, self.until = 0.0, -math.inf
+
+
+_CLOCK = _Clock()
 
 
 def _ttl_and_arrival(ancillary: list[tuple[int, int, bytes]]) -> tuple[int | None, float]:
@@ -39,16 +53,19 @@ def _ttl_and_arrival(ancillary: list[tuple[int, int, bytes]]) -> tuple[int | Non
     one -- so that a busy prober's late wake-up is not counted in the round trip. Now, when the
     kernel gave no timestamp."""
     ttl, arrival = None, None
+    now = time.monotonic()
     for level, kind, data in ancillary:
-        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= _TIMESPEC.size:
+        if kind == SO_TIMESTAMPNS and level == socket.SOL_SOCKET and len(data) >= _TIMESPEC.size:
+            clock = _CLOCK
+            if now >= clock.until:
+                clock.lead, clock.until = time.time() - time.monotonic(), now + 1.0
             sec, nsec = _TIMESPEC.unpack_from(data)
-            arrival = sec + nsec * 1e-9 - time.time() + time.monotonic()
+            arrival = sec + nsec * 1e-9 - clock.lead
         elif len(data) >= _INT.size and (
             (level == socket.IPPROTO_IP and kind == IP_TTL)
             or (level == socket.IPPROTO_IPV6 and kind == socket.IPV6_HOPLIMIT)
         ):
-            ttl = int(_INT.unpack_from(data)[0])
-    now = time.monotonic()
+            ttl = _INT.unpack_from(data)[0]
     # Never later than now, never before a clock step could make it absurd (a second back).
     return ttl, now if arrival is None or not now - 1.0 < arrival <= now else arrival
 
@@ -115,15 +132,12 @@ class UdpTarget:
             self.send_errors += 1
 
     def _readable(self) -> None:
-        for _ in range(BATCH):
-            try:
-                data, ancillary, _flags, addr = self.sock.recvmsg(MAX_SIZE + 1, _ANCILLARY)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:  # an ICMP error for an earlier probe (port unreachable): no reply
-                continue
-            ttl, arrival = _ttl_and_arrival(ancillary)
-            self.on_datagram(data, addr, arrival, ttl)
+        try:
+            data, ancillary, _flags, addr = self.sock.recvmsg(MAX_SIZE + 1, _ANCILLARY)
+        except OSError:  # an ICMP error for an earlier probe (port unreachable), or nothing
+            return
+        ttl, arrival = _ttl_and_arrival(ancillary)
+        self.on_datagram(data, addr, arrival, ttl)
 
     def on_datagram(self, data: bytes, addr: tuple[Any, ...], now: float, ttl: int | None) -> None:
         if (addr[0], addr[1]) != self._key:

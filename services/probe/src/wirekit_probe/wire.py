@@ -13,8 +13,7 @@ reply of another length or with a changed header is counted by reason and ignore
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 MAGIC: Final = b"WKP1"
 HEADER: Final = struct.Struct(">4sQQQ")
@@ -22,6 +21,8 @@ HEADER: Final = struct.Struct(">4sQQQ")
 MIN_SIZE: Final = HEADER.size
 #: The largest probe: what one IPv4 datagram carries without fragments on a 1500-byte MTU.
 MAX_SIZE: Final = 1472
+
+_ZEROS: Final = bytes(MAX_SIZE - MIN_SIZE)
 
 #: Why a datagram is not a reply to one of our probes: the ``reason`` of invalid replies.
 INVALID_REASONS: Final = ("short", "magic", "nonce", "size", "wrong_source", "unknown")
@@ -36,8 +37,7 @@ class NotAReply(ValueError):
         self.reason = reason
 
 
-@dataclass(frozen=True, slots=True)
-class Probe:
+class Probe(NamedTuple):
     seq: int
     sent_ns: int
 
@@ -46,7 +46,7 @@ def encode(nonce: int, seq: int, sent_ns: int, size: int) -> bytes:
     """One probe of ``size`` bytes (MIN_SIZE..MAX_SIZE)."""
     if not MIN_SIZE <= size <= MAX_SIZE:
         raise ValueError(f"probe size {size} outside {MIN_SIZE}..{MAX_SIZE}")
-    return HEADER.pack(MAGIC, nonce, seq, sent_ns) + bytes(size - MIN_SIZE)
+    return HEADER.pack(MAGIC, nonce, seq, sent_ns) + _ZEROS[: size - MIN_SIZE]
 
 
 def decode(data: bytes, nonce: int, size: int) -> Probe:
