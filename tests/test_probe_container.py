@@ -84,7 +84,8 @@ def test_probe_image_probes_udp_and_echo_by_name(
     wait_until(lambda: all(render(prom).values()), 60, "every panel of probe.json drawn")
     drawn = render(prom)
     for title, values in drawn.items():
-        assert values and all(math.isfinite(v) for v in values), (title, values)
+        assert values, title
+        assert all(math.isfinite(v) for v in values), (title, values)
     assert max(drawn["Loss matrix (prober x target, over the range)"]) == 0
     assert all(0 < v < 1 for v in drawn["RTT p50 / p90 / p99"])
     # /probe through the published port: a listed name answers, another is refused.

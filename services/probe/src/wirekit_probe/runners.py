@@ -15,7 +15,7 @@ import secrets
 import time
 import weakref
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, ClassVar
 
 from wirekit_framing import FramingError, read_frame, write_frame
 from wirekit_servicekit.ratelimit import TokenBucket
@@ -53,7 +53,7 @@ class Scheduler:
     (the slack is at most a quarter of its mean interval), and the intervals stay exponential
     at scales above the slack (RFC 2330 11.1.1 allows for the clock's granularity)."""
 
-    _of: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Scheduler] = (
+    _of: ClassVar[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Scheduler]] = (
         weakref.WeakKeyDictionary()
     )
 

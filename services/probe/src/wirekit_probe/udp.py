@@ -6,8 +6,9 @@ kernel is asked for each reply's TTL (IPv4 ``IP_RECVTTL``) or hop limit (IPv6
 ``IPV6_RECVHOPLIMIT``) and the time it received it (``SO_TIMESTAMPNS``): a round trip ends when
 the reply reached this host, not when a busy loop got round to it. Replies are read with
 ``recvmsg`` from the loop's reader callback, one per call (the loop calls it again while more
-are queued, so a flood of junk cannot hold the loop; and no call ends in a failed read); nothing here blocks
-or waits without a deadline: a probe without an answer is declared lost by ``Tracker.expire``.
+are queued, so a flood of junk cannot hold the loop, and no call ends in a failed read).
+Nothing here blocks or waits without a deadline: a probe without an answer is declared lost by
+``Tracker.expire``.
 """
 
 from __future__ import annotations
