@@ -6,7 +6,6 @@ one that appears starts from zero."""
 
 from __future__ import annotations
 
-import bisect
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -19,7 +18,8 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
+
+from wirekit_servicekit.metrics import Buckets
 
 from .targets import Endpoint
 from .tracker import Tracker
@@ -34,34 +34,12 @@ CONNECT_RESULTS = ("ok", "refused", "timeout", "error")
 INVALID = (*INVALID_REASONS, "frame")
 
 
-class Histogram:
-    """Counts per bucket and a sum: observe() is a bisect and two additions."""
-
-    __slots__ = ("counts", "sum")
-
-    def __init__(self) -> None:
-        self.counts = [0] * (len(RTT_BUCKETS) + 1)
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(RTT_BUCKETS, value)] += 1
-        self.sum += value
-
-    def cumulative(self) -> list[tuple[str, float]]:
-        out, running = [], 0
-        for bound, count in zip([*map(floatToGoString, RTT_BUCKETS), "+Inf"], self.counts,
-                                strict=True):  # fmt: skip
-            running += count
-            out.append((bound, float(running)))
-        return out
-
-
 @dataclass
 class Series:
     endpoint: Endpoint
     tracker: Tracker
-    rtt: Histogram = field(default_factory=Histogram)
-    connect: Histogram = field(default_factory=Histogram)
+    rtt: Buckets = field(default_factory=lambda: Buckets(RTT_BUCKETS))
+    connect: Buckets = field(default_factory=lambda: Buckets(RTT_BUCKETS))
     connects: Counter[str] = field(default_factory=Counter)
     invalid: Counter[str] = field(default_factory=Counter)
     skipped: int = 0  # probes not sent: the packet budget was spent
@@ -124,7 +102,7 @@ def families(series: Iterable[Series], up_window_s: float) -> Iterator[Metric]:
     rtt = HistogramMetricFamily("probe_rtt_seconds", "Round trips of replies on time "
                                 "(tcp-connect: the handshake).", labels=LABELS)  # fmt: skip
     for s in every:
-        rtt.add_metric(s.labels, s.rtt.cumulative(), s.rtt.sum)
+        rtt.add_metric(s.labels, *s.rtt.cumulative())
     yield rtt
     jitter = GaugeMetricFamily("probe_jitter_seconds", "RFC 3550 interarrival jitter of the "
                                "round trips.", labels=LABELS)  # fmt: skip
@@ -148,7 +126,7 @@ def families(series: Iterable[Series], up_window_s: float) -> Iterator[Metric]:
     for s in tcp:
         for result in CONNECT_RESULTS:
             connects.add_metric([*s.labels, result], s.connects[result])
-        connect.add_metric(s.labels, s.connect.cumulative(), s.connect.sum)
+        connect.add_metric(s.labels, *s.connect.cumulative())
     yield connects
     yield connect
 

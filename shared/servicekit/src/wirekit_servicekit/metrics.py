@@ -114,6 +114,33 @@ class HotCounter(Collector):
         yield CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
 
 
+class Buckets:
+    """A histogram's state without a name: ``observe()`` is a bisect and two additions, no
+    lock; ``cumulative()`` reads a copy, so a scrape racing an observation sees a consistent
+    count (the sum may be one observation behind or ahead, as with any lock-free reader)."""
+
+    __slots__ = ("bounds", "counts", "labels", "sum")
+
+    def __init__(self, bounds: Iterable[float]) -> None:
+        self.bounds = sorted(bounds)
+        self.labels = [*map(floatToGoString, self.bounds), "+Inf"]
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def cumulative(self) -> tuple[list[tuple[str, float]], float]:
+        """The buckets as Prometheus has them (cumulative, ``le`` labels), and the sum."""
+        counts, total = list(self.counts), self.sum
+        out, running = [], 0
+        for bound, count in zip(self.labels, counts, strict=True):
+            running += count
+            out.append((bound, float(running)))
+        return out, total
+
+
 class HotHistogram(Collector):
     """A histogram for per-message paths: ``observe()`` is a bisect and two additions."""
 
@@ -123,21 +150,12 @@ class HotHistogram(Collector):
     ) -> None:  # fmt: skip
         self.name = f"{namespace}_{name}"
         self.documentation = documentation
-        self.bounds = sorted(buckets)
-        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
-        self.sum = 0.0
+        self.buckets = Buckets(buckets)
+        self.observe = self.buckets.observe
         registry.register(self)
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.sum += value
-
     def collect(self) -> Iterator[HistogramMetricFamily]:
-        counts, total = list(self.counts), self.sum
-        cumulative, running = [], 0
-        for bound, count in zip([*map(floatToGoString, self.bounds), "+Inf"], counts, strict=True):
-            running += count
-            cumulative.append((bound, running))
+        cumulative, total = self.buckets.cumulative()
         yield HistogramMetricFamily(
             self.name, self.documentation, buckets=cumulative, sum_value=total
         )
