@@ -1,5 +1,6 @@
 """The soak at CI size: 1,000 concurrent framed connections, random frames of 0-64 KiB in
-random write splits, twice against one server process (``make soak`` runs it bigger)."""
+random write splits, twice against one server process (``make soak`` runs it bigger); and
+the memory of the burst handed back afterwards."""
 
 from __future__ import annotations
 
@@ -27,5 +28,7 @@ def test_a_thousand_connections_byte_exact_counted_and_nothing_left_behind() -> 
     assert report["server_connections_active"] == 0
     assert [r["fds_after"] for r in report["rounds"]] == [report["fds_before"]] * 2
     assert report["rounds"][1]["rss_after_mib"] - report["rounds"][0]["rss_after_mib"] <= 8
+    # The burst's memory handed back (servicekit's Trimmer), 10 s after the connections closed.
+    assert report["rss_10s_after_mib"] <= 2 * report["rss_before_mib"], report
     assert report["server_log_problems"] == []
     assert report["server_exit"] == 0

@@ -309,6 +309,21 @@ def test_relay_returns_bytes_input_itself_and_copies_mutable_input() -> None:
     assert (count, bytes(out)) == (2, wire)
 
 
+@pytest.mark.parametrize("size", [LIMIT, LIMIT + 1])
+def test_relay_bounds_a_frame_that_is_the_whole_read(size: int) -> None:
+    """The one-frame read (relay's shortcut) is checked against the bound like any other: the
+    frame of LIMIT bytes is answered, one byte more breaks the stream."""
+    wire = struct.pack("!I", size) + bytes(size)
+    decoder = FrameDecoder(LIMIT)
+    if size <= LIMIT:
+        assert decoder.relay(wire) == (1, wire)
+        return
+    with pytest.raises(FrameTooLarge):
+        decoder.relay(wire)
+    with pytest.raises(FrameTooLarge):  # and it stays broken
+        decoder.relay(encode(b""))
+
+
 def test_errors_keep_no_reference_to_the_callers_buffer_and_do_not_grow() -> None:
     decoder = FrameDecoder(LIMIT)
     data = bytearray(encode(b"ok", LIMIT) + struct.pack("!I", LIMIT + 1) + b"junk")

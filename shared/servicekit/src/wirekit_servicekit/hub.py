@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from .memory import Trimmer
 from .metrics import ConnectionMetrics
 from .proxy import PROXY_OFF, PROXY_RESULTS, GateContext, Peer, ProxyPolicy
 from .settings import TcpServiceSettings
@@ -140,6 +141,8 @@ class ConnectionHub:
         self._empty = asyncio.Event()
         self._empty.set()
         self._sweeper: asyncio.Task[None] | None = None
+        #: Hands the memory of a burst back once the listener has been empty a while.
+        self.trimmer = Trimmer()
 
     def __len__(self) -> int:
         return len(self._connections)
@@ -165,6 +168,7 @@ class ConnectionHub:
             self._opened.inc()
             self._active.inc()
             self._empty.clear()
+            self.trimmer.busy()
             if self._sweeper is None:
                 self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
             return peer
@@ -206,6 +210,7 @@ class ConnectionHub:
         self._active.dec()
         if not self._connections:
             self._empty.set()
+            self.trimmer.empty()
 
     async def _sweep(self) -> None:
         limits = self.limits
@@ -251,6 +256,7 @@ class ConnectionHub:
 
     async def aclose(self) -> None:
         """Stop the sweeper and wait for it."""
+        self.trimmer.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
