@@ -91,8 +91,9 @@ bench: $(READY) ## the benchmark matrix (~15 min, loopback): bench/results/lates
 bench-udp: $(READY) ## udp alone, before/after: BENCH_ARGS='--baseline REV' (bench/udp_bench.py, ~2 min)
 	$(BIN)/python bench/udp_bench.py $(BENCH_ARGS)
 
-soak: $(READY) ## 1,000 concurrent framed connections x 20 random frames, twice, byte-exact; RSS and fds (bench/soak.py)
+soak: $(READY) ## 1,000 concurrent framed connections x 20 random frames, twice, byte-exact; then a 1 MiB-frame burst: RSS back within 2x (bench/soak.py)
 	$(BIN)/python bench/soak.py $(SOAK_ARGS)
+	$(BIN)/python bench/soak.py --frames 4 --largest-kib 1000
 
 mutants: $(READY) ## one mutation per module, each must make a test fail (tests/mutants.py; ~10 min)
 	$(BIN)/python tests/mutants.py

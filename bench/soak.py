@@ -1,6 +1,6 @@
 """``make soak``: many concurrent framed connections against a real ``wirekit-echo`` process.
 
-Every connection sends random frames (0-64 KiB) in random write splits (often right at a frame's
+Every connection sends random frames (0-64 KiB, ``--largest-kib``) in random write splits (often right at a frame's
 start or its header's end, then a pause) while reading its replies; each reply stream must be byte-exact and in order. The clients come from many
 loopback addresses (127.0.1.x), at most ``--per-source`` each, so the service runs with its
 default per-source limit. At the end: the server's open fds are back to their baseline, its
@@ -48,7 +48,7 @@ def metrics(port: int) -> dict[str, float]:
 
 
 async def client(
-    port: int, source: str, rng: random.Random, frames: int, deadline: float
+    port: int, source: str, rng: random.Random, frames: int, deadline: float, largest: int
 ) -> tuple[int, int]:
     """One connection: send ``frames`` random frames in random splits, check every reply.
     Returns (bytes sent, bytes received), headers included."""
@@ -57,7 +57,7 @@ async def client(
     sock.setblocking(False)
     await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
     reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
-    payloads = [rng.randbytes(rng.randint(0, 64 * 1024)) for _ in range(frames)]
+    payloads = [rng.randbytes(rng.randint(0, largest)) for _ in range(frames)]
     wire = encode_many(payloads)
 
     # Frame starts and header ends: writes often stop exactly there (an unlucky network's
@@ -100,7 +100,9 @@ async def run_clients(args: argparse.Namespace, port: int) -> tuple[int, int, in
     sources = [f"127.0.1.{1 + i // args.per_source}" for i in range(args.connections)]
     # All connected before any sends: this many at once, concurrently.
     tasks = [
-        client(port, src, random.Random(rng.random()), args.frames, deadline) for src in sources
+        client(port, src, random.Random(rng.random()), args.frames, deadline,
+               args.largest_kib * 1024)
+        for src in sources
     ]
     results = await asyncio.gather(*tasks, return_exceptions=True)
     good = [r for r in results if isinstance(r, tuple)]
@@ -112,6 +114,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--connections", type=int, default=1000)
     p.add_argument("--frames", type=int, default=20, help="frames per connection")
+    p.add_argument("--largest-kib", type=int, default=64,
+                   help="frames are 0 to this many KiB (the server's max_frame_size is 1 MiB)")
     p.add_argument("--per-source", type=int, default=64, help="connections per source address")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds for a round")
@@ -173,7 +177,7 @@ def main() -> None:
                 if time.monotonic() > end:
                     break
                 time.sleep(0.1)
-            time.sleep(0.5)
+            time.sleep(2.0)  # past the trimmer's quiet second: what stays is what is held
             rounds.append({"seconds": round(elapsed, 2),
                            "mb_per_s": round((out + back) / elapsed / 1e6, 1),
                            "rss_after_mib": round(rss_kib(server.pid) / 1024, 1),
