@@ -100,8 +100,9 @@ async def run_clients(args: argparse.Namespace, port: int) -> tuple[int, int, in
     sources = [f"127.0.1.{1 + i // args.per_source}" for i in range(args.connections)]
     # All connected before any sends: this many at once, concurrently.
     tasks = [
-        client(port, src, random.Random(rng.random()), args.frames, deadline,
-               args.largest_kib * 1024)
+        client(
+            port, src, random.Random(rng.random()), args.frames, deadline, args.largest_kib * 1024
+        )
         for src in sources
     ]
     results = await asyncio.gather(*tasks, return_exceptions=True)
@@ -114,8 +115,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--connections", type=int, default=1000)
     p.add_argument("--frames", type=int, default=20, help="frames per connection")
-    p.add_argument("--largest-kib", type=int, default=64,
-                   help="frames are 0 to this many KiB (the server's max_frame_size is 1 MiB)")
+    p.add_argument(
+        "--largest-kib",
+        type=int,
+        default=64,
+        help="frames are 0 to this many KiB (the server's max_frame_size is 1 MiB)",
+    )
     p.add_argument("--per-source", type=int, default=64, help="connections per source address")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds for a round")
