@@ -144,6 +144,24 @@ def test_the_packet_budget_holds_whatever_the_targets_ask(udp: ServiceProcess) -
         proc.assert_clean_log()
 
 
+def test_endpoints_over_the_limit_are_left_out_and_counted(udp: ServiceProcess) -> None:
+    """Five endpoints, limit_endpoints 3: three are probed (the first in order), two are
+    counted as dropped, and no series exists for them."""
+    port = udp.ports["udp"]
+    targets = [f"udp://127.0.0.{i}:{port}" for i in (5, 1, 4, 2, 3)]
+    with prober("--targets", json.dumps(targets), "--limit-endpoints", "3",
+                "--rate-per-target", "5") as proc:  # fmt: skip
+        wait_until(lambda: value(samples(proc.url("/metrics")), "probe_targets") == 3, 30,
+                   "three endpoints probed")  # fmt: skip
+        got = samples(proc.url("/metrics"))
+        assert value(got, "probe_endpoints_dropped") == 2
+        probed = {dict(labels)["target"] for (name, labels) in got
+                  if name == "probe_probes_sent_total"}  # fmt: skip
+        assert probed == {f"127.0.0.{i}:{port}" for i in (1, 2, 3)}
+        assert any("too many endpoints" in line for line in list(proc.lines))
+        proc.assert_clean_log()
+
+
 @pytest.fixture(scope="module")
 def probe_api(udp: ServiceProcess) -> Iterator[ServiceProcess]:
     with prober("--probe-allow", json.dumps(["127.0.0.0/8", "localhost"]),

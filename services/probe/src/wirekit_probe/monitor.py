@@ -66,6 +66,7 @@ class Monitor(Collector):
         self.tasks: dict[Endpoint, asyncio.Task[None]] = {}
         self.by_spec: dict[Spec, list[Endpoint]] = {}
         self.resolve_errors: Counter[tuple[str, str]] = Counter()
+        self.dropped = 0  # endpoints found but not probed: over limit_endpoints
 
     def rate(self) -> float:
         """Each target's share: rate_per_target, or less when the budget would not hold it
@@ -93,11 +94,24 @@ class Monitor(Collector):
                 self._failed(spec, dns_reason(exc))
                 continue
             self.by_spec[spec] = found
-        wanted = {e for endpoints in self.by_spec.values() for e in endpoints}
+        wanted = self._within_limit({e for endpoints in self.by_spec.values() for e in endpoints})
         gone = [e for e in self.tasks if e not in wanted]
         await self._stop(gone)
         for endpoint in sorted(wanted - set(self.tasks)):
             self._start(endpoint)
+
+    def _within_limit(self, found: set[Endpoint]) -> set[Endpoint]:
+        """At most limit_endpoints of ``found``: those probed already first (no churn), then
+        the rest in order; how many were left out is kept for probe_endpoints_dropped."""
+        limit = self.settings.limit_endpoints
+        self.dropped = max(0, len(found) - limit)
+        if not self.dropped:
+            return found
+        kept = sorted(found & self.tasks.keys())[:limit]
+        kept += sorted(found - self.tasks.keys())[: limit - len(kept)]
+        log.warning("too many endpoints: some are not probed",
+                    extra={"found": len(found), "limit_endpoints": limit})  # fmt: skip
+        return set(kept)
 
     def _failed(self, spec: Spec, reason: str) -> None:
         self.resolve_errors[(spec.host, reason)] += 1
@@ -135,6 +149,10 @@ class Monitor(Collector):
         targets = GaugeMetricFamily("probe_targets", "Endpoints probed now.")
         targets.add_metric([], len(self.series))
         yield targets
+        dropped = GaugeMetricFamily("probe_endpoints_dropped", "Endpoints found at the last "
+                                    "resolution but not probed: over limit_endpoints.")  # fmt: skip
+        dropped.add_metric([], self.dropped)
+        yield dropped
         errors = CounterMetricFamily(
             "probe_resolve_errors",
             "Failed resolutions of a target's name, by reason.",

@@ -32,6 +32,13 @@ class ProbeSettings(ServiceSettings):
         description="Nameservers the SRV targets (MODULE+srv://NAME) are asked, each IP or "
         "IP:PORT ([IPv6]:PORT) (JSON list). Empty: the system's, from /etc/resolv.conf.",
     )  # fmt: skip
+    limit_endpoints: int = Field(
+        1024, ge=1, le=100_000,
+        description="Endpoints probed at most, every target's addresses and SRV records "
+        "together (each costs a task, a socket and ~40 KiB): a name that resolves to more "
+        "(a huge headless Service, a hostile DNS answer) has the rest left out, counted in "
+        "probe_endpoints_dropped and logged. Endpoints already probed keep their place.",
+    )  # fmt: skip
     resolve_interval_s: float = Field(
         30.0, gt=0, description="Seconds between two resolutions of the targets' names."
     )
