@@ -74,8 +74,10 @@ def test_estimates_match_what_the_relay_did(udp_echo) -> None:  # type: ignore[n
     assert isinstance(rtt, dict)
     # The injected delay is what the relay held; the prober's RTT adds the path to the target
     # and back (the relay's own round trip: loopback, the echo) and its two legs to the relay.
+    # The relay's own fidelity first (a thread of this busy test process on 2 cores: it once
+    # held 0.6 ms longer than asked, in a CI run), then the prober against what it really did.
     injected_ms = (impairment.delay_s + impairment.jitter_s / 2) * 1e3
-    assert abs(median_hold_ms - injected_ms) < 0.5, (median_hold_ms, injected_ms)
+    assert abs(median_hold_ms - injected_ms) < 1.0, (median_hold_ms, injected_ms)
     assert abs(rtt["p50"] - median_rtt_ms) < 0.5, (rtt, median_rtt_ms)
     assert abs(got["jitter_ms"] - true_jitter_ms) <= 0.2 * true_jitter_ms  # type: ignore[operator]
     assert got["hops"] == 0  # loopback: the answer's TTL is the one it was sent with
