@@ -20,7 +20,7 @@ COMPOSE     ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker co
 STACK_NAME  ?= wirekit
 STACK       := $(COMPOSE) -p $(STACK_NAME) -f deploy/compose.yaml $(if $(OFFLINE),-f deploy/compose.offline.yaml) $(foreach p,$(PROFILES),--profile $(p))
 
-.PHONY: FORCE help install run check test lint fmt lock clean wheelhouse images base-image up down stack-up stack-down bench bench-udp soak mutants
+.PHONY: FORCE help install run check test lint fmt lock clean wheelhouse images base-image up down stack-up stack-down bench bench-udp bench-instr soak mutants
 .DEFAULT_GOAL := help
 
 #: The virtualenv is up to date when this stamp is newer than the pins and the members' metadata.
@@ -90,6 +90,10 @@ bench: $(READY) ## the benchmark matrix (~15 min, loopback): bench/results/lates
 
 bench-udp: $(READY) ## udp alone, before/after: BENCH_ARGS='--baseline REV' (bench/udp_bench.py, ~2 min)
 	$(BIN)/python bench/udp_bench.py $(BENCH_ARGS)
+
+bench-instr: $(READY) ## instructions per message under callgrind, deterministic: BENCH_ARGS='--baseline REV' (bench/instr.py, ~30 min)
+	command -v valgrind >/dev/null || apt-get install -y -qq --no-install-recommends valgrind >/dev/null
+	$(BIN)/python bench/instr.py $(BENCH_ARGS)
 
 soak: $(READY) ## 1,000 concurrent framed connections x 20 random frames, twice, byte-exact; then a 1 MiB-frame burst: RSS back within 2x (bench/soak.py)
 	$(BIN)/python bench/soak.py $(SOAK_ARGS)

@@ -272,7 +272,7 @@ def main() -> None:
     )
     p.add_argument(
         "--only",
-        choices=("all", "echo", "cmdexec", "workers", "proxy", "probe"),
+        choices=("all", "echo", "udp", "cmdexec", "workers", "proxy", "probe"),
         default="all",
         help="echo: the TCP echo tables only; cmdexec: the cmdexec bench only; workers: "
         "wirekit echo with 1 and 2 workers only; proxy: the PROXY protocol's cost per "
@@ -305,11 +305,19 @@ def main() -> None:
                                "--burst-per-source", "1000000", "--rate-global", "1e9",
                                "--burst-global", "1000000"], 18106, "http:18916", on, udp=True),
     ]  # fmt: skip
+    if baseline is not None:
+        src = [baseline / p for p in ("shared/framing/src", "shared/servicekit/src",
+                                      "services/udp/src")]  # fmt: skip
+        udp.append(Server("wirekit-udp-baseline", [*udp[1].cmd[:4], "18108", "--metrics-port",
+                                                    "18918", *udp[1].cmd[7:]], 18108, "http:18918",
+                          {**on, "PYTHONPATH": os.pathsep.join(map(str, src))}, udp=True))  # fmt: skip
     xi = xinetd(workdir, 18005, 18105)
     if xi is not None:
         tcp.insert(4, xi)
     if args.only == "echo":
         udp = []
+    if args.only == "udp":
+        tcp, xi = [], None
     if args.only in ("cmdexec", "workers", "proxy", "probe"):
         tcp, udp, xi = [], [], None
     everything = tcp + udp
@@ -318,7 +326,7 @@ def main() -> None:
         "meta": {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "cpus": os.cpu_count(),
                  "python": platform.python_version(), "reps": args.reps,
                  "duration_s": args.duration, "load": "10,000 msgs/s paced unless closed loop"},
-        "paced": [], "closed": [], "udp": [], "cold": [], "nagle": [], "idle": {},
+        "paced": [], "closed": [], "closed_framed": [], "udp": [], "cold": [], "nagle": [], "idle": {},
         "cmdexec": {}, "framing": {}, "workers": [], "proxy": {}, "probe": {},
         "baseline": args.baseline,
     }  # fmt: skip
@@ -327,7 +335,7 @@ def main() -> None:
             server.start()
         for port in (18910, 18916):
             threading.Thread(target=scraper, args=(port, stop_scraping), daemon=True).start()
-        total = args.reps * (3 * 2 * (2 * len(tcp)) + 4 * len(tcp) + 2 * len(udp))
+        total = args.reps * (3 * 2 * (2 * len(tcp)) + 4 * len(tcp) + 6 + 4 * len(udp) + 1)
         done = 0
 
         def step(label: str, server: Server, kind: str, port: int, **load: Any) -> dict[str, Any]:
@@ -358,10 +366,21 @@ def main() -> None:
                     r = step(f"closed 100B x{conns}", server, "tcp", server.port, size=100,
                              conns=conns, rate=0)  # fmt: skip
                     report["closed"].append({**r, "rep": rep})
-            for server in udp + ([xi] if xi else []):
-                port = 18105 if server is xi else server.port
-                r = step("udp paced 100B x10", server, "udp", port, size=100, conns=10, rate=10000)
-                report["udp"].append({**r, "rep": rep})
+            for size in (100, 1024):  # closed loop: framed echo and udp, x10 (issue 24's cells)
+                for server in [
+                    s for s in tcp if s.name in (REF_TCP, "wirekit", "wirekit-baseline")
+                ]:
+                    port = server.port + (0 if server.name == REF_TCP else 1)
+                    r = step(f"closed framed {size}B x10", server, "tcp", port, size=size,
+                             conns=10, rate=0, framed=True)  # fmt: skip
+                    report["closed_framed"].append({**r, "rep": rep})
+            for size in (100, 1024):
+                for load, rate in (("paced", 10000), ("closed", 0)):
+                    for server in udp + ([xi] if xi and size == 100 and rate else []):
+                        port = 18105 if server is xi else server.port
+                        r = step(f"udp {load} {size}B x10", server, "udp", port, size=size,
+                                 conns=10, rate=rate)  # fmt: skip
+                        report["udp"].append({**r, "load": load, "rep": rep})
         if args.only == "all":
             wk = next(s for s in tcp if s.name == "wirekit")
             for size in (1024, 16384):  # one round trip per message, even for big frames
@@ -567,17 +586,53 @@ def render(report: dict[str, Any]) -> str:
         lines += ["", f"Load generator headroom: against the fastest server (×10) it used "
                   f"{client_cpu / wall:.0%} of one core: a closed loop here measures the client as much "
                   "as the server, which is why CPU per message at a paced load is the figure to compare.", ""]  # fmt: skip
+    if report.get("closed_framed"):
+        cf = report["closed_framed"]
+        lines += ["## TCP echo, framed, closed loop ×10: server CPU µs/msg and msgs/s (ratio vs uvloop)", "",
+                  "| server | 100 B CPU | 100 B msgs/s | 1024 B CPU | 1024 B msgs/s |", "|---|---|---|---|---|"]  # fmt: skip
+        for server in dict.fromkeys(r["server"] for r in cf):
+            cells = []
+            for size in (100, 1024):
+                for key in ("cpu_us_per_msg", "msgs_per_s"):
+                    v = _median(cf, key, server=server, size=size)
+                    r = v / _median(cf, key, server=REF_TCP, size=size)
+                    cells.append(
+                        f"{v:.1f} ({r:.2f}×)"
+                        if key == "cpu_us_per_msg"
+                        else f"{v / 1000:.1f}k ({r:.2f}×)"
+                    )
+            lines.append(f"| {server} | " + " | ".join(cells) + " |")
+        lines.append("")
     if report["udp"]:
         udp = report["udp"]
-        lines += ["## UDP echo, 100 B, 10,000 datagrams/s paced", "",
-                  "| server | CPU µs/datagram | ratio | loss | p99 ms |", "|---|---|---|---|---|"]  # fmt: skip
-        ref_udp = _median(udp, "cpu_us_per_msg", server=REF_UDP)
+        lines += ["## UDP echo, ×10 sockets: server CPU µs/datagram (ratio vs uvloop), paced at 10,000/s and closed loop", "",
+                  "| server | paced 100 B | paced 1024 B | closed 100 B | closed 1024 B | closed msgs/s 100 B / 1024 B | paced loss |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
         for server in dict.fromkeys(r["server"] for r in udp):
-            v = _median(udp, "cpu_us_per_msg", server=server)
-            lost = sum(r["lost"] for r in udp if r["server"] == server)
-            sent = sum(r["msgs"] + r["lost"] for r in udp if r["server"] == server)
-            lines.append(f"| {server} | {v:.1f} | {v / ref_udp:.2f}× | {lost / max(sent, 1):.2%} | "
-                         f"{_median(udp, 'p99', server=server) * 1e3:.2f} |")  # fmt: skip
+            cells = []
+            for load in ("paced", "closed"):
+                for size in (100, 1024):
+                    cell = {"load": load, "size": size}
+                    v = _median(udp, "cpu_us_per_msg", server=server, **cell)
+                    r = v / _median(udp, "cpu_us_per_msg", server=REF_UDP, **cell)
+                    cells.append(
+                        "–"
+                        if v != v
+                        else f"{v:.1f} [{_spread(udp, 'cpu_us_per_msg', server=server, **cell)}] ({r:.2f}×)"
+                    )
+            rates = [
+                _median(udp, "msgs_per_s", server=server, load="closed", size=size)
+                / _median(udp, "msgs_per_s", server=REF_UDP, load="closed", size=size)
+                for size in (100, 1024)
+            ]
+            cells.append(" / ".join("–" if x != x else f"{x:.2f}×" for x in rates))
+            lost = sum(r["lost"] for r in udp if r["server"] == server and r["load"] == "paced")
+            sent = sum(
+                r["msgs"] + r["lost"] for r in udp if r["server"] == server and r["load"] == "paced"
+            )
+            cells.append(f"{lost / max(sent, 1):.2%}")
+            lines.append(f"| {server} | " + " | ".join(cells) + " |")
+        lines.append("")
     if report["cold"]:
         lines += ["", "## Cold start (closed loop, 1 KiB, 1 connection or UDP socket): first vs later", "",
                   "| server | first msgs/s | later msgs/s | first/later |", "|---|---|---|---|"]  # fmt: skip

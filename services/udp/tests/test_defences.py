@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+from types import FrameType
+from typing import Any
+
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
@@ -140,3 +146,58 @@ def test_forty_thousand_distinct_sources_keep_every_table_bounded() -> None:
     assert len(ctx.limiter) == 1000
     assert len(ctx.loop) <= 1000
     assert held[1] <= held[0] * 1.2 + 65536  # 30,000 more sources, no more memory
+
+
+def _answered(stats: UdpMetrics) -> tuple[float, float]:
+    datagrams, octets = (family.samples[0].value for family in stats.answered.collect())
+    return datagrams, octets
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    steps=st.lists(
+        st.tuples(st.binary(max_size=40), st.sampled_from([40000, 40001, 19, 2049]),
+                  st.booleans()),
+        max_size=40,
+    )
+)  # fmt: skip
+def test_answers_counted_at_scrape_time_are_exact_and_never_go_down(
+    steps: list[tuple[bytes, int, bool]],
+) -> None:
+    """udp_datagrams_sent_total and udp_sent_bytes_total are computed when scraped (received
+    less dropped before an answer). A scrape may come between any two lines of the datagram's
+    path (the scrape thread takes the GIL between bytecodes): here one comes at every line.
+    Each sees at most what was answered so far, never less than the scrape before it, and
+    once a datagram is done, exactly what was answered; a send error is an answer all the same."""
+    proto, transport, stats = _echo(rate_per_source=5, burst_per_source=3, max_datagram_size=32)
+    proto.sends_empty = True  # this transport sends empty datagrams itself, as PktinfoTransport
+    seen = [(0.0, 0.0)]
+    watched = {UdpEcho.datagram_received.__code__, UdpEcho._drop.__code__}
+
+    def answered_so_far() -> tuple[int, int]:
+        return len(transport.sent), sum(len(data) for data, _ in transport.sent)
+
+    def scrape(frame: FrameType, event: str, arg: Any) -> Any:
+        if event == "line":
+            now = _answered(stats)
+            most = answered_so_far()
+            assert now[0] <= most[0]
+            assert now[1] <= most[1]
+            assert now[0] >= seen[-1][0]
+            assert now[1] >= seen[-1][1]
+            seen.append(now)
+        return scrape
+
+    def calls(frame: FrameType, event: str, arg: Any) -> Any:
+        return scrape if frame.f_code in watched else None
+
+    for data, port, icmp_error in steps:
+        sys.settrace(calls)
+        try:
+            proto.datagram_received(data, ("127.0.0.1", port))
+        finally:
+            sys.settrace(None)
+        if icmp_error:
+            proto.error_received(ConnectionRefusedError())
+        assert _answered(stats) == answered_so_far()
+    assert len(seen) > 1 or not steps

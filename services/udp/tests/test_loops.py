@@ -58,17 +58,21 @@ def test_the_port_counts_too() -> None:
     assert guard.reflected(LoopGuard.key(b"x", A), 0.001)
 
 
-def test_memory_is_two_windows_of_at_most_limit_answers() -> None:
+def test_memory_is_at_most_limit_answers_and_old_ones_make_room() -> None:
     guard = LoopGuard(0.05, 100)
     for i in range(1000):
-        now = i * 0.0001  # 1,000 answers within 0.1 s: two windows
+        now = i * 0.0001  # 1,000 answers within 0.1 s
         key = LoopGuard.key(b"x", (f"10.0.{i // 250}.{i % 250}", 1))
-        guard.reflected(key, now)
+        assert not guard.reflected(key, now)
         guard.answered(key, now)
-    assert len(guard) <= 200
-    guard.reflected(LoopGuard.key(b"x", A), 1.0)  # long after: both windows have gone
-    guard.reflected(LoopGuard.key(b"x", A), 1.1)
-    assert len(guard) == 0
+    assert len(guard) == 100
+    # full at 0.01 (nothing old enough to forget), pruned at 0.06 (the first 100 went): the
+    # answers of 0.06-0.07 are remembered, those after them wait for the next pruning
+    assert guard.reflected(LoopGuard.key(b"x", ("10.0.2.199", 1)), 0.1)  # i = 699
+    assert not guard.reflected(LoopGuard.key(b"x", ("10.0.2.200", 1)), 0.1)  # i = 700
+    guard.answered(LoopGuard.key(b"y", A), 1.0)  # long after: the full table is pruned
+    assert len(guard) == 1
+    assert guard.reflected(LoopGuard.key(b"y", A), 1.01)
 
 
 @pytest.mark.parametrize(

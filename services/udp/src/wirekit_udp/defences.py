@@ -57,26 +57,31 @@ class LoopGuard:
     per window to such a client). A loop whose round trip is longer than ``window_s`` is not
     seen here; its rate is one datagram per round trip, bounded by the per-source rate limits.
 
-    Memory: one timestamp per hash of (address, port, bytes) answered in the current and the
-    previous window, at most ``limit`` each window (beyond ``limit`` answers in one window the
-    rest are not remembered until the next); no datagram is kept. The hash is Python's
-    (SipHash, seeded per process: a sender cannot aim collisions at it; a collision within one
-    window would only drop one datagram).
+    Memory: one timestamp per hash of (address, port, bytes) answered, at most ``limit`` of
+    them; no datagram is kept. An answer older than ``window_s`` no longer counts; the table
+    is pruned of those when it is full (at most once a window: a table full of answers all
+    younger than a window stays full, and answers beyond it are not remembered until then --
+    the per-source and global rate limits bound how fast that can be). The hash is Python's
+    (SipHash, seeded per process: a sender cannot aim collisions at it; a collision within
+    one window would only drop one datagram).
+
+    The protocol runs these steps inline (``answers``, ``window_s``, ``limit``): on its
+    per-datagram path a method call costs as much as the check itself.
     """
 
-    __slots__ = ("_current", "_previous", "_swap_at", "limit", "window_s")
+    __slots__ = ("answers", "limit", "prune_at", "window_s")
 
     def __init__(self, window_s: float, limit: int) -> None:
         self.window_s = window_s
         self.limit = limit
         # hash of (address tuple as the socket gives it, bytes) -> when we answered it: ints
-        # and floats only, nothing for the garbage collector to walk at 20,000 answers/s.
-        self._current: dict[int, float] = {}
-        self._previous: dict[int, float] = {}
-        self._swap_at = 0.0
+        # and floats only, nothing for the garbage collector to walk at 20,000 answers/s. One
+        # table, changed in place: the protocol keeps a reference to it.
+        self.answers: dict[int, float] = {}
+        self.prune_at = 0.0
 
     def __len__(self) -> int:
-        return len(self._current) + len(self._previous)
+        return len(self.answers)
 
     @staticmethod
     def key(data: bytes, addr: tuple[Any, ...]) -> int:
@@ -84,17 +89,21 @@ class LoopGuard:
         the same key asks whether it came back and records the answer)."""
         return hash((addr, data))
 
+    def prune(self, now: float) -> None:
+        """Forget the answers of a window ago or more; the next pruning is a window away."""
+        window, answers = self.window_s, self.answers
+        for key in [key for key, when in answers.items() if now - when >= window]:
+            del answers[key]
+        self.prune_at = now + window
+
     def reflected(self, key: int, now: float) -> bool:
         """Whether the datagram ``key`` stands for is one of our answers coming back."""
-        if now >= self._swap_at:
-            self._previous, self._current = self._current, {}
-            self._swap_at = now + self.window_s
-        when = self._current.get(key)
-        if when is None:
-            when = self._previous.get(key)
+        when = self.answers.get(key)
         return when is not None and now - when < self.window_s
 
     def answered(self, key: int, now: float) -> None:
-        current = self._current
-        if len(current) < self.limit:
-            current[key] = now
+        answers = self.answers
+        if len(answers) >= self.limit and now >= self.prune_at:
+            self.prune(now)
+        if len(answers) < self.limit:
+            answers[key] = now

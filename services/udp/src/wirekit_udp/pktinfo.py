@@ -30,6 +30,8 @@ _IN_PKTINFO = struct.Struct("@i4s4s")  # ipi_ifindex, ipi_spec_dst, ipi_addr
 _IN6_PKTINFO = struct.Struct("@16sI")  # ipi6_addr, ipi6_ifindex
 #: Datagrams taken per readiness callback before the loop gets its turn back.
 BATCH = 64
+#: Local addresses (with their interface) whose answers' ancillary data is kept, worked out.
+REPLIES = 64
 _ANCILLARY = socket.CMSG_SPACE(_IN6_PKTINFO.size) + socket.CMSG_SPACE(_IN_PKTINFO.size)
 _NO_IFINDEX = b"\0\0\0\0"
 
@@ -67,11 +69,12 @@ class PktinfoTransport(asyncio.DatagramTransport):
         self._protocol = protocol
         self._size = max_size + 1  # one byte more: an oversize datagram is seen as oversize
         self._reply: list[tuple[int, int, bytes]] = []
+        self._replies: dict[tuple[int, int, bytes], list[tuple[int, int, bytes]]] = {}
         self._closing = False
         loop.add_reader(sock.fileno(), self._read)
 
     def _read(self) -> None:
-        sock, protocol = self._sock, self._protocol
+        sock, protocol, replies = self._sock, self._protocol, self._replies
         for _ in range(BATCH):
             try:
                 data, ancillary, _, addr = sock.recvmsg(self._size, _ANCILLARY)
@@ -80,7 +83,17 @@ class PktinfoTransport(asyncio.DatagramTransport):
             except OSError as exc:  # an ICMP error for an earlier answer
                 protocol.error_received(exc)
                 return
-            self._reply = _reply_from(ancillary)
+            # One control message (the usual case) names the local address: its answer's
+            # ancillary data is worked out once per local address, not per datagram.
+            if len(ancillary) == 1:
+                reply = replies.get(ancillary[0])
+                if reply is None:
+                    reply = _reply_from(ancillary)
+                    if len(replies) < REPLIES:
+                        replies[ancillary[0]] = reply
+            else:
+                reply = _reply_from(ancillary)
+            self._reply = reply
             protocol.datagram_received(data, addr)
             if self._closing:
                 return

@@ -10,11 +10,13 @@ import asyncio
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from wirekit_servicekit import HotCounter
 from wirekit_servicekit.metrics import Cell
@@ -25,6 +27,8 @@ from .kernel import SocketStats
 from .settings import UdpSettings
 
 log = logging.getLogger(__name__)
+#: Source hosts remembered as unicast (then forgotten all at once and judged again).
+UNICAST_MEMO = 4096
 
 #: Why a datagram got no answer: the ``reason`` label of udp_datagrams_dropped_total.
 DROP_REASONS = (
@@ -44,11 +48,12 @@ class UdpMetrics:
 
         self.received = cell("datagrams_received", "Datagrams received.")
         self.received_bytes = cell("received_bytes", "Bytes received.")
-        self.sent = cell("datagrams_sent", "Datagrams answered.")
-        self.sent_bytes = cell("sent_bytes", "Bytes answered.")
         dropped = HotCounter("datagrams_dropped", "Datagrams not answered, by reason.", ["reason"],
                              namespace=ns, registry=registry)  # fmt: skip
         self.dropped = {reason: dropped.labels(reason) for reason in DROP_REASONS}
+        self.dropped_bytes = Cell()  # of the datagrams dropped before an answer
+        self.answered = Answered(self)
+        registry.register(self.answered)
         Gauge(
             "rate_limited_sources",
             "Source addresses whose last datagram was refused by their rate limit.",
@@ -59,6 +64,35 @@ class UdpMetrics:
             namespace=ns, registry=registry,
         ).set_function(lambda: len(limiter))  # fmt: skip
         self.socket = SocketStats(registry)
+
+
+class Answered(Collector):
+    """``udp_datagrams_sent_total`` and ``udp_sent_bytes_total``: what was received less what
+    was dropped before an answer, computed at scrape time (two counters fewer per datagram).
+    A datagram is counted as received after its fate (answered, or counted as dropped), and
+    received is read before dropped: a scrape in between sees one answer too few, never one
+    too many, and the value reported never goes down."""
+
+    def __init__(self, metrics: UdpMetrics) -> None:
+        self.metrics = metrics
+        self.before = [d for reason, d in metrics.dropped.items() if reason != "send_error"]
+        self.last = (0, 0)
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        m = self.metrics
+        # received before dropped: a drop counted between the two reads makes one too few
+        received, received_bytes = m.received.n, m.received_bytes.n
+        now = (
+            int(received - sum(d.n for d in self.before)),
+            int(received_bytes - m.dropped_bytes.n),
+        )
+        self.last = sent, sent_bytes = max(self.last[0], now[0]), max(self.last[1], now[1])
+        yield CounterMetricFamily("udp_datagrams_sent", "Datagrams answered.", value=sent)
+        yield CounterMetricFamily("udp_sent_bytes", "Bytes answered.", value=sent_bytes)
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily("udp_datagrams_sent", "Datagrams answered.")
+        yield CounterMetricFamily("udp_sent_bytes", "Bytes answered.")
 
 
 class DropReporter:
@@ -148,6 +182,10 @@ class UdpContext:
         )
 
 
+def _not_connected(data: bytes, addr: tuple[str, int]) -> None:
+    raise RuntimeError("datagram_received before connection_made")
+
+
 class UdpEcho(asyncio.DatagramProtocol):
     def __init__(self, ctx: UdpContext) -> None:
         self.ctx = ctx
@@ -160,17 +198,27 @@ class UdpEcho(asyncio.DatagramProtocol):
         self.check_source = ctx.check_source
         self.global_bucket = ctx.global_bucket
         self.loop = ctx.loop
+        # the loop guard's table and rule, for its steps inlined in datagram_received
+        self._answers, self._window, self._remember = (
+            ctx.loop.answers,
+            ctx.loop.window_s,
+            ctx.loop.limit,
+        )
+        self._unicast: set[str] = set()  # sources judged not broadcast or multicast
         self.transport: asyncio.DatagramTransport | None = None
+        self._sendto: Callable[[bytes, tuple[str, int]], None] = _not_connected
         self.sends_empty = False  # asyncio's transport skips empty datagrams
+        self._ipv4 = False  # an IPv4 socket: every source is its own rate-limit key
         self._time = ctx.clock
         # the per-datagram cells, one attribute away
         self._received, self._received_bytes = ctx.metrics.received, ctx.metrics.received_bytes
-        self._sent, self._sent_bytes = ctx.metrics.sent, ctx.metrics.sent_bytes
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self._sendto = self.transport.sendto  # type: ignore[union-attr]
         self.sends_empty = bool(getattr(transport, "sends_empty", False))
         sock = transport.get_extra_info("socket")
+        self._ipv4 = getattr(sock, "family", None) == socket.AF_INET
         if sock is not None:  # a real socket (tests drive the protocol with a fake transport)
             self.stats.socket.attach(sock, *self.ctx.buffers)
 
@@ -187,41 +235,73 @@ class UdpEcho(asyncio.DatagramProtocol):
             self.stats.dropped["send_error"].n += 1
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        # Every step here runs for every datagram: calls are inlined where a call would cost as
+        # much as the work (LoopGuard's, the global bucket's take), attributes bound once.
         n = len(data)
-        self._received.n += 1
-        self._received_bytes.n += n
         port = addr[1]
         if n > self.max_size:
-            reason = "oversize"
-        elif port < self.min_port:
-            reason = "privileged_port"
-        elif port in self.deny_ports:
-            reason = "denied_port"
-        elif self.check_source and is_broadcast_or_multicast(addr[0]):
-            reason = "broadcast_multicast"
+            self._drop("oversize", addr, n)
+            return
+        if port < self.min_port:
+            self._drop("privileged_port", addr, n)
+            return
+        if port in self.deny_ports:
+            self._drop("denied_port", addr, n)
+            return
+        host = addr[0]
+        if host not in self._unicast and self._judge(host):
+            self._drop("broadcast_multicast", addr, n)
+            return
+        now = self._time()
+        # LoopGuard.key and .reflected
+        key = hash((addr, data))
+        answers = self._answers
+        when = answers.get(key)
+        if when is not None and now - when < self._window:
+            self._drop("loop", addr, n)
+            return
+        # self.global_bucket.take(now)
+        bucket = self.global_bucket
+        tokens = bucket.tokens + (now - bucket.stamp) * bucket.rate
+        if tokens > bucket.burst:
+            tokens = bucket.burst
+        bucket.stamp = now
+        if tokens < 1.0:
+            bucket.tokens = tokens
+            self._drop("rate_limit_global", addr, n)
+            return
+        bucket.tokens = tokens - 1.0
+        if not self.limiter.allow(host if self._ipv4 else source_key(host), now):
+            self._drop("rate_limit_source", addr, n)
+            return
+        if n or self.sends_empty:
+            self._sendto(data, addr)  # the same bytes: never larger
         else:
-            now = self._time()
-            host = addr[0]
-            loop = self.loop
-            key = hash((addr, data))  # LoopGuard.key, inlined on the hot path
-            if loop.reflected(key, now):
-                reason = "loop"
-            elif not self.global_bucket.take(now):
-                reason = "rate_limit_global"
-            elif not self.limiter.allow(host if ":" not in host else source_key(host), now):
-                reason = "rate_limit_source"
-            else:
-                transport = self.transport
-                assert transport is not None
-                if n or self.sends_empty:
-                    transport.sendto(data, addr)  # the same bytes: never larger
-                else:
-                    self._send_empty(addr)
-                loop.answered(key, now)
-                self._sent.n += 1
-                self._sent_bytes.n += n
-                return
-        self.stats.dropped[reason].n += 1
+            self._send_empty(addr)
+        # LoopGuard.answered
+        if len(answers) < self._remember:
+            answers[key] = now
+        else:
+            self.loop.answered(key, now)  # a full table: pruned, at most once a window
+        self._received.n += 1  # after its fate: see Answered
+        self._received_bytes.n += n
+
+    def _judge(self, host: str) -> bool:
+        """Whether ``host`` is a source no echo answers; one that is not joins ``_unicast``
+        (a set: a membership test is cheaper than a cached call; emptied at 4,096 hosts)."""
+        if self.check_source and is_broadcast_or_multicast(host):
+            return True
+        if len(self._unicast) >= UNICAST_MEMO:
+            self._unicast.clear()
+        self._unicast.add(host)
+        return False
+
+    def _drop(self, reason: str, addr: tuple[str, int], n: int) -> None:
+        stats = self.stats
+        stats.dropped[reason].n += 1
+        stats.dropped_bytes.n += n
+        stats.received.n += 1
+        stats.received_bytes.n += n
         self.reporter.drop(reason, addr, self._time())
 
     def error_received(self, exc: Exception) -> None:
