@@ -376,7 +376,7 @@ def main() -> None:
                     report["closed_framed"].append({**r, "rep": rep})
             for size in (100, 1024):
                 for load, rate in (("paced", 10000), ("closed", 0)):
-                    for server in udp + ([xi] if xi and size == 100 and rate else []):
+                    for server in udp + ([xi] if xi and udp and size == 100 and rate else []):
                         port = 18105 if server is xi else server.port
                         r = step(f"udp {load} {size}B x10", server, "udp", port, size=size,
                                  conns=10, rate=rate)  # fmt: skip

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import socket
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -77,16 +78,18 @@ class Answered(Collector):
         self.metrics = metrics
         self.before = [d for reason, d in metrics.dropped.items() if reason != "send_error"]
         self.last = (0, 0)
+        self._lock = threading.Lock()  # two scrapes at once (the metrics server is threaded)
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         m = self.metrics
-        # received before dropped: a drop counted between the two reads makes one too few
-        received, received_bytes = m.received.n, m.received_bytes.n
-        now = (
-            int(received - sum(d.n for d in self.before)),
-            int(received_bytes - m.dropped_bytes.n),
-        )
-        self.last = sent, sent_bytes = max(self.last[0], now[0]), max(self.last[1], now[1])
+        with self._lock:
+            # received before dropped: a drop counted between the two reads makes one too few
+            received, received_bytes = m.received.n, m.received_bytes.n
+            now = (
+                int(received - sum(d.n for d in self.before)),
+                int(received_bytes - m.dropped_bytes.n),
+            )
+            self.last = sent, sent_bytes = max(self.last[0], now[0]), max(self.last[1], now[1])
         yield CounterMetricFamily("udp_datagrams_sent", "Datagrams answered.", value=sent)
         yield CounterMetricFamily("udp_sent_bytes", "Bytes answered.", value=sent_bytes)
 
