@@ -20,7 +20,7 @@ COMPOSE     ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker co
 STACK_NAME  ?= wirekit
 STACK       := $(COMPOSE) -p $(STACK_NAME) -f deploy/compose.yaml $(if $(OFFLINE),-f deploy/compose.offline.yaml) $(foreach p,$(PROFILES),--profile $(p))
 
-.PHONY: FORCE help install run check test lint fmt lock clean wheelhouse images base-image up down stack-up stack-down bench bench-udp bench-instr soak mutants
+.PHONY: FORCE help install run check test test-compiled accel pure lint fmt lock clean wheelhouse images base-image up down stack-up stack-down bench bench-udp bench-instr soak mutants
 .DEFAULT_GOAL := help
 
 #: The virtualenv is up to date when this stamp is newer than the pins and the members' metadata.
@@ -107,13 +107,39 @@ lock: ## re-pin requirements/*.txt with hashes (needs uv; records no index URLs)
 	cd requirements && uv pip compile dev.in --generate-hashes --no-header --python-version 3.11 -o dev.txt -q
 	cd requirements && uv pip compile bench.in --generate-hashes --no-header --python-version 3.11 -o bench.txt -q
 
-wheelhouse: $(READY) ## pinned dependencies (hash-checked), wirekit wheels and wirekit-limits, for hermetic image builds
+wheelhouse: $(READY) ## pinned dependencies (hash-checked), wirekit wheels (hot modules compiled where cc is found) and wirekit-limits, for hermetic image builds
 	rm -rf wheelhouse && mkdir -p wheelhouse
 	cp $(HELPER) wheelhouse/wirekit-limits
 	$(BIN)/pip download -q --disable-pip-version-check --require-hashes --no-deps \
 	  --only-binary :all: -r requirements/runtime.txt -d wheelhouse
 	$(BIN)/pip wheel -q --disable-pip-version-check --no-deps --no-build-isolation \
-	  -w wheelhouse $(MEMBERS)
+	  -w wheelhouse $(filter-out $(ACCEL_MEMBERS),$(MEMBERS))
+	@echo 'wheelhouse: $(ACCEL_MEMBERS) $(if $(ACCEL_ON),compiled (mypyc),pure Python (no C compiler, or ACCEL=0))'
+	status=0; HATCH_BUILD_HOOK_ENABLE_MYPYC=$(if $(ACCEL_ON),true,false) $(BIN)/pip wheel -q \
+	  --disable-pip-version-check --no-deps --no-build-isolation -w wheelhouse $(ACCEL_MEMBERS) || status=$$?; \
+	  rm -f $(ACCEL_SO); exit $$status
+
+#: The members whose per-message path has a compiled build (mypyc, through hatch-mypyc: the
+#: modules are listed in each one's pyproject.toml), and what that build leaves beside the
+#: sources. `ACCEL=0` builds pure-Python wheels even where a C compiler is found.
+ACCEL_MEMBERS := shared/framing services/echo
+ACCEL_SO      := $(addsuffix /src/*/*.so,$(ACCEL_MEMBERS))
+ACCEL_ON      := $(if $(filter 0,$(ACCEL)),,$(shell command -v $(CC) >/dev/null && echo 1))
+
+accel: $(READY) ## compile the hot modules in place (mypyc): the venv, make test and make bench then run them; make pure undoes it
+	$(if $(ACCEL_ON),,$(error no C compiler ($(CC)): the compiled build cannot be made here))
+	rm -rf build/accel
+	HATCH_BUILD_HOOK_ENABLE_MYPYC=true $(BIN)/pip wheel -q --disable-pip-version-check --no-deps \
+	  --no-build-isolation -w build/accel $(ACCEL_MEMBERS)
+	rm -rf build/accel
+	$(BIN)/python -m wirekit_servicekit.accel --expect compiled wirekit_echo
+
+pure: ## remove what make accel compiled in place: back to the pure-Python modules
+	rm -f $(ACCEL_SO)
+
+test-compiled: accel ## the framing and echo tests against the compiled build (then back to pure)
+	status=0; $(BIN)/pytest -p no:cacheprovider $(addsuffix /tests,$(ACCEL_MEMBERS)) || status=$$?; \
+	  rm -f $(ACCEL_SO); exit $$status
 
 images: wheelhouse ## one image per service: wirekit-<service>:$(IMAGE_TAG)
 	for s in $(SERVICES); do \
@@ -144,5 +170,6 @@ stack-up: images ## 3 replicas of each service + Prometheus on Docker Swarm (dep
 stack-down: ## remove the swarm stack (the swarm itself stays: docker swarm leave --force)
 	IMAGE_TAG=$(IMAGE_TAG) bash deploy/swarm.sh down $(SWARM_STACK)
 
-clean: ## remove the venv, the wheelhouse and caches
+clean: ## remove the venv, the wheelhouse, caches and the compiled modules
 	rm -rf $(VENV) wheelhouse .mypy_cache .pytest_cache .ruff_cache .hypothesis
+	rm -f $(ACCEL_SO)

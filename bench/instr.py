@@ -24,6 +24,7 @@ import argparse
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -64,12 +65,18 @@ def _connect(kind: str, proc: subprocess.Popen[str], cmd: list[str]) -> socket.s
             time.sleep(0.5)
 
 
+def _sigint_default() -> None:
+    """The servers stop on SIGINT: a shell's background job (nohup, &) ignores it, and an
+    ignored signal stays ignored across exec, so it is restored in the child."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def instructions(cmd: list[str], env: dict[str, str], kind: str, n: int, size: int) -> int:
     """What the process ``cmd`` executed in all, having answered ``n`` messages of ``size``."""
     full = dict(os.environ, OTEL_SDK_DISABLED="true", PYTHONHASHSEED="0", **env)
     vg = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
     proc = subprocess.Popen(vg + cmd, env=full, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
+                            text=True, preexec_fn=_sigint_default)  # fmt: skip
     try:
         with _connect(kind, proc, cmd) as s:
             tail = bytes(size - 8)

@@ -109,6 +109,9 @@ MUTANTS = [
     Mutant("cli: quit does not end", SK + "cli.py",
            '        if text.strip() == "quit":', "        if False:",
            "services/echo/tests/test_process.py -k client"),
+    Mutant("accel: a compiled module taken for pure", SK + "accel.py",
+           '    return "compiled" if path.endswith(tuple(EXTENSION_SUFFIXES)) else "pure"',
+           '    return "compiled" if path.endswith(".py") else "pure"', SK_T + "/test_accel.py"),
     Mutant("service: --version ignored", SK + "service.py",
            '        if "--version" in args:', "        if False:",
            "services/echo/tests/test_process.py -k version"),
@@ -300,7 +303,8 @@ def run(mutant: Mutant, workdir: Path) -> tuple[bool, float, str]:
     if tree.exists():
         shutil.rmtree(tree)
     for src in SRC:
-        shutil.copytree(ROOT / src, tree / src)
+        # not what `make accel` compiled: an extension module would shadow the mutated .py
+        shutil.copytree(ROOT / src, tree / src, ignore=shutil.ignore_patterns("*.so"))
     target = tree / mutant.path
     text = target.read_text()
     if text.count(mutant.old) != 1:

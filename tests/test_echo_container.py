@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -225,3 +226,25 @@ def test_nc_echoes_through_the_published_port(images: dict[str, str], start: Sta
         capture_output=True, timeout=30, check=False,
     )  # fmt: skip
     assert result.stdout == b"hello from nc\n"
+
+
+def test_the_images_run_the_compiled_build_where_a_compiler_made_it(
+    images: dict[str, str], docker_client: docker.DockerClient, start: Start
+) -> None:
+    """`make wheelhouse` compiles the per-message path (mypyc) where a C compiler is found and
+    builds pure-Python wheels where none is: the images run what was built, and say so."""
+    expected = "compiled" if shutil.which(os.environ.get("CC", "cc")) else "pure"
+    command = ["-m", "wirekit_servicekit.accel", "--expect", expected, "wirekit_echo"]
+    out = docker_client.containers.run(
+        images["echo"], command, entrypoint="python3", remove=True, read_only=True,
+        cap_drop=["ALL"], network_disabled=True,
+    )  # fmt: skip
+    lines = out.decode().splitlines()
+    assert [line.rsplit(" ", 1)[1] for line in lines] == [expected] * 2, lines
+    container = _started_echo(images, start)
+    starting = [
+        json.loads(line)
+        for line in container.get_wrapped_container().logs().decode().splitlines()
+        if '"starting wirekit-echo"' in line
+    ]
+    assert [line.get("build") for line in starting] == [expected], starting

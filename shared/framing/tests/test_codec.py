@@ -12,6 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from wirekit_framing import (
+    HEADER,
+    HEADER_SIZE,
     MAX_WIRE_FRAME_SIZE,
     FrameDecoder,
     FrameTooLarge,
@@ -35,6 +37,7 @@ ENCODE_CASES = [
 @pytest.mark.parametrize(("payload", "wire"), ENCODE_CASES)
 def test_encode_matches_wire_format(payload: bytes, wire: bytes) -> None:
     assert encode(payload) == wire
+    assert HEADER_SIZE == HEADER.size == 4  # the header's size is also a literal constant
 
 
 @pytest.mark.parametrize(("payload", "wire"), ENCODE_CASES)

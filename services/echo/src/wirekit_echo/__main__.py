@@ -30,7 +30,13 @@ def build(runtime: Runtime[EchoSettings]) -> list[Part]:
     return listeners
 
 
-SERVICE = Service("wirekit-echo", __version__, EchoSettings, build)
+SERVICE = Service(
+    "wirekit-echo",
+    __version__,
+    EchoSettings,
+    build,
+    compiled=("wirekit_framing._codec", "wirekit_echo.protocol"),
+)
 main = SERVICE.main
 serve = SERVICE.serve  # the in-process entry point of earlier releases, for tests and embedders
 

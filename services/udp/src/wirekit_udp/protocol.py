@@ -13,6 +13,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Gauge
@@ -28,6 +29,9 @@ from .kernel import SocketStats
 from .settings import UdpSettings
 
 log = logging.getLogger(__name__)
+#: A source address as asyncio gives it: (host, port), or (host, port, flowinfo, scope_id) on
+#: an IPv6 socket (a compiled build checks the declared type of every argument).
+Address = tuple[Any, ...]
 #: Source hosts remembered as unicast (then forgotten all at once and judged again).
 UNICAST_MEMO = 4096
 
@@ -106,10 +110,10 @@ class DropReporter:
         self.tracer = tracer
         self.interval_s = interval_s
         self.pending = dict.fromkeys(DROP_REASONS, 0)
-        self.last_source: dict[str, tuple[str, int]] = {}
+        self.last_source: dict[str, tuple[Any, Any]] = {}
         self.next_report = dict.fromkeys(DROP_REASONS, 0.0)
 
-    def drop(self, reason: str, addr: tuple[str, int], now: float) -> None:
+    def drop(self, reason: str, addr: Address, now: float) -> None:
         self.pending[reason] += 1
         self.last_source[reason] = (addr[0], addr[1])
         if now >= self.next_report[reason]:
@@ -185,7 +189,7 @@ class UdpContext:
         )
 
 
-def _not_connected(data: bytes, addr: tuple[str, int]) -> None:
+def _not_connected(data: bytes, addr: Address) -> None:
     raise RuntimeError("datagram_received before connection_made")
 
 
@@ -209,7 +213,7 @@ class UdpEcho(asyncio.DatagramProtocol):
         )
         self._unicast: set[str] = set()  # sources judged not broadcast or multicast
         self.transport: asyncio.DatagramTransport | None = None
-        self._sendto: Callable[[bytes, tuple[str, int]], None] = _not_connected
+        self._sendto: Callable[[bytes, Address], None] = _not_connected
         self.sends_empty = False  # asyncio's transport skips empty datagrams
         self._ipv4 = False  # an IPv4 socket: every source is its own rate-limit key
         self._time = ctx.clock
@@ -225,7 +229,7 @@ class UdpEcho(asyncio.DatagramProtocol):
         if sock is not None:  # a real socket (tests drive the protocol with a fake transport)
             self.stats.socket.attach(sock, *self.ctx.buffers)
 
-    def _send_empty(self, addr: tuple[str, int]) -> None:
+    def _send_empty(self, addr: Address) -> None:
         """asyncio's sendto() silently skips empty datagrams; RFC 862 echoes them too."""
         sock = self.transport.get_extra_info("socket") if self.transport else None
         if sock is None:
@@ -237,7 +241,7 @@ class UdpEcho(asyncio.DatagramProtocol):
         except OSError:
             self.stats.dropped["send_error"].n += 1
 
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+    def datagram_received(self, data: bytes, addr: Address) -> None:
         # Every step here runs for every datagram: calls are inlined where a call would cost as
         # much as the work (LoopGuard's, the global bucket's take), attributes bound once.
         n = len(data)
@@ -299,7 +303,7 @@ class UdpEcho(asyncio.DatagramProtocol):
         self._unicast.add(host)
         return False
 
-    def _drop(self, reason: str, addr: tuple[str, int], n: int) -> None:
+    def _drop(self, reason: str, addr: Address, n: int) -> None:
         stats = self.stats
         stats.dropped[reason].n += 1
         stats.dropped_bytes.n += n

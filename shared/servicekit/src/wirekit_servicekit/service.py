@@ -25,6 +25,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry, disable_created_metrics
 
+from .accel import summary
 from .aggregate import gauge_modes
 from .lifecycle import run
 from .logs import configure_logging
@@ -67,6 +68,9 @@ class Service(Generic[S]):
     #: Before anything starts (and before workers are spawned): refuse (exit 2) or complete
     #: the settings (return them: what the supervisor hands every worker).
     check: Callable[[S], S | None] | None = None
+    #: The modules of its per-message path that have a compiled build (wirekit_servicekit.accel):
+    #: the start log line says which build runs.
+    compiled: tuple[str, ...] = ()
 
     @property
     def module(self) -> str:
@@ -129,6 +133,7 @@ class Service(Generic[S]):
             log.info(f"starting {self.name}", extra={"version": self.version, "workers": count})
             raise SystemExit(supervise(settings, self.name, self.module, count))
         factory, loop = event_loop_factory(settings.event_loop)
-        log.info(f"starting {self.name}", extra={"version": self.version, "event_loop": loop})
+        log.info(f"starting {self.name}", extra={"version": self.version, "event_loop": loop,
+                                                 "build": summary(self.compiled)})  # fmt: skip
         with asyncio.Runner(loop_factory=factory) as runner:
             raise SystemExit(runner.run(self.serve(settings, worker=worker or SOLO)))

@@ -1,0 +1,62 @@
+"""The compiled build of the per-message path is optional: `make wheelhouse` asks for it only
+where a C compiler is found, and the build hook left off gives the pure-Python wheel. (That the
+compiled wheels work is shown by the images, test_echo_container.py, and by `make
+test-compiled`; here, the fallback.)"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = Path(sys.executable)
+
+
+def _wheelhouse_plan(**variables: str) -> str:
+    """What `make wheelhouse` would run (make -n: nothing is built)."""
+    args = [f"{k}={v}" for k, v in variables.items()]
+    out = subprocess.run(
+        ["make", "-n", "-s", "wheelhouse", f"BIN={PY.parent}", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    return out.stdout
+
+
+@pytest.mark.parametrize(
+    ("variables", "compiled"),
+    [
+        ({"CC": "cc"}, True),
+        ({"CC": "/nonexistent/cc"}, False),
+        ({"CC": "cc", "ACCEL": "0"}, False),
+    ],
+)
+def test_wheelhouse_compiles_only_where_a_compiler_is_found(
+    variables: dict[str, str], compiled: bool
+) -> None:
+    plan = _wheelhouse_plan(**variables)
+    want = "true" if compiled else "false"
+    assert f"HATCH_BUILD_HOOK_ENABLE_MYPYC={want} " in plan, plan
+    # the other members are built as they always were, and what the build leaves is removed
+    assert "services/cmdexec services/udp services/probe" in plan
+    assert "rm -f shared/framing/src/*/*.so" in plan
+
+
+def test_with_the_hook_off_the_wheel_is_pure_python(tmp_path: Path) -> None:
+    env = {**os.environ, "HATCH_BUILD_HOOK_ENABLE_MYPYC": "false"}
+    subprocess.run(
+        [str(PY), "-m", "pip", "wheel", "-q", "--disable-pip-version-check", "--no-deps",
+         "--no-build-isolation", "-w", str(tmp_path), str(ROOT / "shared/framing")],
+        env=env, check=True, timeout=300,
+    )  # fmt: skip
+    (wheel,) = tmp_path.glob("wirekit_framing-*.whl")
+    assert wheel.name.endswith("-py3-none-any.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+    assert "wirekit_framing/_codec.py" in names
+    assert not [n for n in names if n.endswith(".so")]
+    assert not list((ROOT / "shared/framing/src/wirekit_framing").glob("*.so"))
