@@ -19,9 +19,9 @@ PY = Path(sys.executable)
 
 def _wheelhouse_plan(**variables: str) -> str:
     """What `make wheelhouse` would run (make -n: nothing is built)."""
-    args = [f"{k}={v}" for k, v in variables.items()]
+    args = [f"{k}={v}" for k, v in {"BIN": str(PY.parent), **variables}.items()]
     out = subprocess.run(
-        ["make", "-n", "-s", "wheelhouse", f"BIN={PY.parent}", *args],
+        ["make", "-n", "-s", "wheelhouse", *args],
         cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     return out.stdout
@@ -44,6 +44,16 @@ def test_wheelhouse_compiles_only_where_a_compiler_is_found(
     # the other members are built as they always were, and what the build leaves is removed
     assert "services/cmdexec services/udp services/probe" in plan
     assert "rm -f shared/framing/src/*/*.so" in plan
+
+
+def test_wheelhouse_compiles_only_with_the_images_python(tmp_path: Path) -> None:
+    """The images' python3.11 installs cp311 wheels only: a venv of another Python (here a
+    stand-in that answers as one would; no other Python is installed) builds pure wheels."""
+    other = tmp_path / "python"
+    other.write_text("#!/bin/sh\necho 0\n")  # what `print(int(version == (3, 11)))` prints
+    other.chmod(0o755)
+    assert "HATCH_BUILD_HOOK_ENABLE_MYPYC=false " in _wheelhouse_plan(CC="cc", BIN=str(tmp_path))
+    assert "HATCH_BUILD_HOOK_ENABLE_MYPYC=true " in _wheelhouse_plan(CC="cc")
 
 
 def test_with_the_hook_off_the_wheel_is_pure_python(tmp_path: Path) -> None:
