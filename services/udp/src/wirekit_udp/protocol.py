@@ -30,7 +30,8 @@ from .settings import UdpSettings
 
 log = logging.getLogger(__name__)
 #: A source address as asyncio gives it: (host, port), or (host, port, flowinfo, scope_id) on
-#: an IPv6 socket (a compiled build checks the declared type of every argument).
+#: an IPv6 socket (it was annotated (str, int); a trial compiled build, which checks argument
+#: types at run time, found it).
 Address = tuple[Any, ...]
 #: Source hosts remembered as unicast (then forgotten all at once and judged again).
 UNICAST_MEMO = 4096
