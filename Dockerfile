@@ -21,7 +21,7 @@ RUN if [ ! -x /usr/bin/tini ]; then \
       --shell /usr/sbin/nologin wirekit
 
 FROM base AS venv
-# The wheelhouse's framing and echo wheels may hold compiled modules (mypyc, built on the host):
+# The wheelhouse's framing and echo wheels may hold compiled modules (mypyc, C; built on the host):
 # where they do not load on this base (another C library), they are removed and the pure-Python
 # modules beside them run (python -m wirekit_servicekit.accel says which).
 # Marks this build-only stage, so its leftover image can be pruned (docker image prune --filter).

@@ -114,25 +114,26 @@ wheelhouse: $(READY) ## pinned dependencies (hash-checked), wirekit wheels (hot 
 	  --only-binary :all: -r requirements/runtime.txt -d wheelhouse
 	$(BIN)/pip wheel -q --disable-pip-version-check --no-deps --no-build-isolation \
 	  -w wheelhouse $(filter-out $(ACCEL_MEMBERS),$(MEMBERS))
-	@echo 'wheelhouse: $(ACCEL_MEMBERS) $(if $(ACCEL_WHEELS),compiled (mypyc),pure Python (no C compiler, Python not 3.11, or ACCEL=0))'
-	status=0; HATCH_BUILD_HOOK_ENABLE_MYPYC=$(if $(ACCEL_WHEELS),true,false) $(BIN)/pip wheel -q \
+	@echo 'wheelhouse: $(ACCEL_MEMBERS) $(if $(ACCEL_WHEELS),compiled (mypyc; C),pure Python (no C compiler, Python not 3.11, or ACCEL=0))'
+	status=0; $(call ACCEL_HOOKS,$(if $(ACCEL_WHEELS),true,false)) $(BIN)/pip wheel -q \
 	  --disable-pip-version-check --no-deps --no-build-isolation -w wheelhouse $(ACCEL_MEMBERS) || status=$$?; \
 	  rm -f $(ACCEL_SO); exit $$status
 
-#: The members whose per-message path has a compiled build (mypyc, through hatch-mypyc: the
-#: modules are listed in each one's pyproject.toml), and what that build leaves beside the
-#: sources. `ACCEL=0` builds pure-Python wheels even where a C compiler is found. The images'
+#: The members whose per-message path has a compiled build, and what that build leaves beside
+#: the sources: framing's codec by mypyc (hatch-mypyc, its pyproject.toml), echo's per-read
+#: path in C (_hot.c, by services/echo/hatch_build.py). ACCEL_HOOKS turns both hooks on or off. `ACCEL=0` builds pure-Python wheels even where a C compiler is found. The images'
 #: wheels are compiled only by a Python 3.11 (the images' python3.11 installs no other tag); the
 #: Dockerfile falls back to the pure modules where the compiled ones do not load (another libc).
 ACCEL_MEMBERS := shared/framing services/echo
 ACCEL_SO      := $(addsuffix /src/*/*.so,$(ACCEL_MEMBERS))
 ACCEL_ON      := $(if $(filter 0,$(ACCEL)),,$(shell command -v $(CC) >/dev/null && echo 1))
+ACCEL_HOOKS    = HATCH_BUILD_HOOK_ENABLE_MYPYC=$(1) HATCH_BUILD_HOOK_ENABLE_CUSTOM=$(1)
 ACCEL_WHEELS   = $(and $(ACCEL_ON),$(filter 1,$(shell $(BIN)/python -c 'import sys; print(int(sys.version_info[:2] == (3, 11)))')))
 
-accel: $(READY) ## compile the hot modules in place (mypyc): the venv, make test and make bench then run them; make pure undoes it
+accel: $(READY) ## compile the hot modules in place (mypyc, C): the venv, make test and make bench then run them; make pure undoes it
 	$(if $(ACCEL_ON),,$(error no C compiler ($(CC)): the compiled build cannot be made here))
 	rm -rf build/accel
-	HATCH_BUILD_HOOK_ENABLE_MYPYC=true $(BIN)/pip wheel -q --disable-pip-version-check --no-deps \
+	$(call ACCEL_HOOKS,true) $(BIN)/pip wheel -q --disable-pip-version-check --no-deps \
 	  --no-build-isolation -w build/accel $(ACCEL_MEMBERS)
 	rm -rf build/accel
 	$(BIN)/python -m wirekit_servicekit.accel --expect compiled wirekit_echo

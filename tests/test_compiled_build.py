@@ -40,10 +40,11 @@ def test_wheelhouse_compiles_only_where_a_compiler_is_found(
 ) -> None:
     plan = _wheelhouse_plan(**variables)
     want = "true" if compiled else "false"
-    assert f"HATCH_BUILD_HOOK_ENABLE_MYPYC={want} " in plan, plan
+    # both hooks: framing's mypyc, echo's C (hatch_build.py)
+    assert f"HATCH_BUILD_HOOK_ENABLE_MYPYC={want} HATCH_BUILD_HOOK_ENABLE_CUSTOM={want} " in plan
     # the other members are built as they always were, and what the build leaves is removed
     assert "services/cmdexec services/udp services/probe" in plan
-    assert "rm -f shared/framing/src/*/*.so" in plan
+    assert "rm -f shared/framing/src/*/*.so services/echo/src/*/*.so" in plan
 
 
 def test_wheelhouse_compiles_only_with_the_images_python(tmp_path: Path) -> None:
@@ -52,21 +53,32 @@ def test_wheelhouse_compiles_only_with_the_images_python(tmp_path: Path) -> None
     other = tmp_path / "python"
     other.write_text("#!/bin/sh\necho 0\n")  # what `print(int(version == (3, 11)))` prints
     other.chmod(0o755)
-    assert "HATCH_BUILD_HOOK_ENABLE_MYPYC=false " in _wheelhouse_plan(CC="cc", BIN=str(tmp_path))
-    assert "HATCH_BUILD_HOOK_ENABLE_MYPYC=true " in _wheelhouse_plan(CC="cc")
+    plan = _wheelhouse_plan(CC="cc", BIN=str(tmp_path))
+    assert "HATCH_BUILD_HOOK_ENABLE_CUSTOM=false " in plan
+    assert "HATCH_BUILD_HOOK_ENABLE_CUSTOM=true " in _wheelhouse_plan(CC="cc")
 
 
-def test_with_the_hook_off_the_wheel_is_pure_python(tmp_path: Path) -> None:
-    env = {**os.environ, "HATCH_BUILD_HOOK_ENABLE_MYPYC": "false"}
+@pytest.mark.parametrize(
+    ("member", "package", "module"),
+    [
+        ("shared/framing", "wirekit_framing", "_codec.py"),
+        ("services/echo", "wirekit_echo", "_hot.py"),
+    ],
+)
+def test_with_the_hook_off_the_wheel_is_pure_python(
+    tmp_path: Path, member: str, package: str, module: str
+) -> None:
+    env = {**os.environ, "HATCH_BUILD_HOOK_ENABLE_MYPYC": "false",
+           "HATCH_BUILD_HOOK_ENABLE_CUSTOM": "false"}  # fmt: skip
     subprocess.run(
         [str(PY), "-m", "pip", "wheel", "-q", "--disable-pip-version-check", "--no-deps",
-         "--no-build-isolation", "-w", str(tmp_path), str(ROOT / "shared/framing")],
+         "--no-build-isolation", "-w", str(tmp_path), str(ROOT / member)],
         env=env, check=True, timeout=300,
     )  # fmt: skip
-    (wheel,) = tmp_path.glob("wirekit_framing-*.whl")
+    (wheel,) = tmp_path.glob(f"{package}-*.whl")
     assert wheel.name.endswith("-py3-none-any.whl")
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
-    assert "wirekit_framing/_codec.py" in names
-    assert not [n for n in names if n.endswith(".so")]
-    assert not list((ROOT / "shared/framing/src/wirekit_framing").glob("*.so"))
+    assert f"{package}/{module}" in names
+    assert not [n for n in names if n.endswith((".so", ".c"))]
+    assert not list((ROOT / member / "src" / package).glob("*.so"))

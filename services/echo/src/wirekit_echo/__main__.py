@@ -35,7 +35,7 @@ SERVICE = Service(
     __version__,
     EchoSettings,
     build,
-    compiled=("wirekit_framing._codec", "wirekit_echo.protocol"),
+    compiled=("wirekit_framing._codec", "wirekit_echo._hot"),
 )
 main = SERVICE.main
 serve = SERVICE.serve  # the in-process entry point of earlier releases, for tests and embedders

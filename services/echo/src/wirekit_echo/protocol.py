@@ -1,10 +1,11 @@
 """The echo protocols: one ``asyncio.Protocol`` per connection, raw or framed.
 
-Path of the data: ``data_received(chunk)`` -> (framed: ``FrameDecoder.relay``, which returns the
-bytes of the frames the chunk completed, exactly as received) -> one ``transport.write`` per
-chunk -> counters moved through label children bound once per listener. Back-pressure: reading
-pauses while the transport's write buffer is over its high-water mark. One span per connection;
-never one per message.
+Path of the data: ``data_received(chunk)`` (``_hot.Core``: C where built, else Python) ->
+(framed: a chunk of whole frames is its own reply; otherwise ``FrameDecoder.relay``, which
+returns the bytes of the frames the chunk completed, exactly as received) -> one
+``transport.write`` per chunk -> counters moved through label children bound once per
+listener. Back-pressure: reading pauses while the transport's write buffer is over its
+high-water mark. One span per connection; never one per message.
 
 What a client can rely on (docs/protocol.md, "Shutdown and errors"): every frame (raw: every
 byte) the server reads is answered, in order. A connection closed while something it sent is
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from bisect import bisect_left
 from dataclasses import dataclass
 from time import perf_counter, time_ns
 from typing import ClassVar, cast
@@ -41,6 +41,8 @@ from wirekit_servicekit import (
     unread_bytes,
 )
 from wirekit_servicekit.metrics import Cell
+
+from . import _hot
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +70,16 @@ class EchoMetrics:
         # Per-read metrics: lock-free cells read at scrape time (see HotCounter).
         self.received = HotCounter(
             "received_bytes", "Bytes received from clients.", ["mode"],
-            namespace=ns, registry=registry,
+            namespace=ns, registry=registry, cell=_hot.Cell,
         )  # fmt: skip
         self.sent = HotCounter(
             "sent_bytes", "Bytes queued back to clients.", ["mode"],
-            namespace=ns, registry=registry,
+            namespace=ns, registry=registry, cell=_hot.Cell,
         )  # fmt: skip
         self.frames = HotCounter(
-            "frames", "Frames echoed (framed mode).", namespace=ns, registry=registry
-        )
+            "frames", "Frames echoed (framed mode).",
+            namespace=ns, registry=registry, cell=_hot.Cell,
+        )  # fmt: skip
         self.errors = Counter(
             "errors", "Connections ended by an error, by kind.", ["mode", "kind"],
             namespace=ns, registry=registry,
@@ -85,6 +88,7 @@ class EchoMetrics:
             "handling_seconds",
             "Framed mode: time from a read to its replies written, per read.",
             buckets=LATENCY_BUCKETS, namespace=ns, registry=registry,
+            implementation=_hot.Buckets,
         )  # fmt: skip
 
 
@@ -125,23 +129,20 @@ class EchoContext:
         )
 
 
-class _EchoConnection(asyncio.Protocol):
+class _EchoConnection(_hot.Core, asyncio.Protocol):
+    """One connection. ``_hot.Core`` holds what each read touches (ctx, transport, activity,
+    frame_started, finished, draining, pending) and the ``data_received`` methods."""
+
     mode: ClassVar[str]
     # Slots: 10,000 idle connections should cost as little as possible.
-    __slots__ = ("_error", "_quiet_check", "_started", "activity", "ctx", "draining", "finished",
-                 "frame_started", "peer", "span", "transport")  # fmt: skip
+    __slots__ = ("_error", "_quiet_check", "_started", "peer", "span")
 
     def __init__(self, ctx: EchoContext) -> None:
-        self.ctx = ctx
-        self.activity = 0  # bytes received; the hub's sweeper watches it move
-        self.frame_started = 0.0  # perf_counter() of the first byte of a frame in progress
-        self.transport: asyncio.Transport | None = None
+        super().__init__(ctx)
         self.peer: Peer | None = None  # the client (named by a PROXY header behind a proxy)
         self.span: trace.Span | None = None  # made when first needed, timed from _started
         self._started = 0
-        self.draining = False
         self._quiet_check: asyncio.TimerHandle | None = None  # drain: pending quiet check
-        self.finished = False  # no more replies: our FIN is out, or the connection is ending
         self._error: str | None = None
 
     # -- asyncio callbacks ------------------------------------------------------------------
@@ -290,19 +291,7 @@ class RawEcho(_EchoConnection):
 
     mode = "raw"
     __slots__ = ()
-
-    def data_received(self, data: bytes) -> None:
-        n = len(data)
-        self.activity += n
-        ctx = self.ctx
-        ctx.received.n += n
-        if self.finished:
-            self._late_input(n)
-            return
-        self.transport.write(data)  # type: ignore[union-attr]
-        ctx.sent.n += n
-        if self.draining:
-            self._finish_if_answered()
+    data_received = _hot.Core.raw_data_received
 
 
 class FramedEcho(_EchoConnection):
@@ -316,19 +305,17 @@ class FramedEcho(_EchoConnection):
         super().__init__(ctx)
         self.decoder = FrameDecoder(ctx.max_frame_size)
 
-    def data_received(self, data: bytes) -> None:
-        start = perf_counter()
-        n = len(data)
-        self.activity += n
-        ctx = self.ctx
-        ctx.received.n += n
-        if self.finished:
-            self._late_input(n)
-            return
+    data_received = _hot.Core.framed_data_received
+
+    def _relayed(self, data: bytes, start: float) -> None:
+        """A read, counted (``Core.framed_data_received``), that is not over: relay the frames
+        it completes; ``start`` is its ``perf_counter()``. (The C build calls this only when
+        it cannot answer the read at once.)"""
         decoder = self.decoder
         try:
             count, out = decoder.relay(data)
         except FrameTooLarge as exc:
+            self.pending = -1  # broken: every later read comes here (and is late input)
             # Answer the frames before the bad header, then reset: the rest is never answered.
             if exc.frames:
                 self._reply(len(exc.frames), encode_many(exc.frames, MAX_WIRE_FRAME_SIZE), start)
@@ -336,21 +323,15 @@ class FramedEcho(_EchoConnection):
             self._close(lost=True)
             return
         if count:
-            # self._reply(count, out, start), inlined with the histogram's observe(): three
-            # Python calls cost as much as the rest of this path (bench/RESULTS.md)
-            self.transport.write(out)  # type: ignore[union-attr]
-            ctx.sent.n += len(out)
-            ctx.frames.n += count
-            took = perf_counter() - start
-            handling = ctx.handling.buckets
-            handling.counts[bisect_left(handling.bounds, took)] += 1
-            handling.sum += took
+            self._reply(count, out, start)
             if out is data:
-                # whole frames, nothing buffered before or after (so no frame_started to reset)
+                # whole frames, nothing buffered before or after (nothing pending, no
+                # frame_started to reset): the pure build's common read
                 if self.draining:
                     self._finish_if_answered()
                 return
-        if decoder.buffered:
+        self.pending = pending = decoder.buffered
+        if pending:
             if count or not self.frame_started:
                 self.frame_started = start  # a new frame began in this read
         elif self.frame_started:

@@ -93,16 +93,20 @@ class HotCounter(Collector):
 
     def __init__(
         self, name: str, documentation: str, labelnames: Iterable[str] = (),
-        *, namespace: str, registry: CollectorRegistry,
+        *, namespace: str, registry: CollectorRegistry, cell: Callable[[], Cell] = Cell,
     ) -> None:  # fmt: skip
         self.name = f"{namespace}_{name}"
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
         self._cells: dict[tuple[str, ...], Cell] = {}
+        self._cell = cell  # another implementation of Cell's interface (echo's C build)
         registry.register(self)
 
     def labels(self, *values: str) -> Cell:
-        return self._cells.setdefault(tuple(values), Cell())
+        cell = self._cells.get(values)
+        if cell is None:
+            cell = self._cells[values] = self._cell()
+        return cell
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
@@ -147,10 +151,11 @@ class HotHistogram(Collector):
     def __init__(
         self, name: str, documentation: str, buckets: Iterable[float],
         *, namespace: str, registry: CollectorRegistry,
+        implementation: Callable[[Iterable[float]], Buckets] = Buckets,
     ) -> None:  # fmt: skip
         self.name = f"{namespace}_{name}"
         self.documentation = documentation
-        self.buckets = Buckets(buckets)
+        self.buckets = implementation(buckets)  # or another with its interface (echo's C build)
         self.observe = self.buckets.observe
         registry.register(self)
 
