@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from dataclasses import dataclass
@@ -144,12 +145,22 @@ MUTANTS = [
            "services/echo/tests/test_proxy_header.py -k 'ipv4_mapped or one_64 or hands'"),
     # echo
     Mutant("echo: replies re-encoded from the read", EC + "protocol.py",
-           "            self.transport.write(out)  # type: ignore[union-attr]\n            ctx.sent.n += len(out)\n            ctx.frames.n += count",
-           "            self.transport.write(data)  # type: ignore[union-attr]\n            ctx.sent.n += len(out)\n            ctx.frames.n += count",
+           "            self.transport.write(out)  # type: ignore[union-attr]\n            ctx.sent.n",
+           "            self.transport.write(data)  # type: ignore[union-attr]\n            ctx.sent.n",
            "services/echo/tests/test_model.py -k framed_replies"),
     Mutant("echo: framed reads not in the handling histogram", EC + "protocol.py",
-           "            handling.counts[bisect_left(handling.bounds, took)] += 1",
+           "            ctx.handling.observe(perf_counter() - start)",
            "            pass", "services/echo/tests/test_echo.py"),
+    # echo's C build (_hot.c, compiled in the copy): the same tests must see its mistakes
+    Mutant("echo C: a whole read of frames not bounded", EC + "_hot.c",
+           "        if (size > max || size > len - pos - 4)", "        if (size > len - pos - 4)",
+           "services/echo/tests/test_hostile.py -k whole_read"),
+    Mutant("echo C: frames of a whole read not counted", EC + "_hot.c",
+           "        self->frames->n += count;", "", "services/echo/tests/test_echo.py"),
+    Mutant("echo C: the histogram's le bucket off by one", EC + "_hot.c",
+           "    while (i < self->size && self->bounds[i] < value)",
+           "    while (i < self->size && self->bounds[i] <= value)",
+           "services/echo/tests/test_hot.py"),
     Mutant("echo: the drain does not see unread data", SK + "sockets.py",
            "    return _queue_bytes(transport, termios.FIONREAD)", "    return 0",
            "services/echo/tests/test_hostile.py -k sigterm"),
@@ -297,6 +308,19 @@ MUTANTS = [
 ]  # fmt: skip
 
 
+def compile_extension(source: Path) -> str:
+    """Build ``source`` into an extension module beside it, as hatch_build.py would (the same
+    compiler flags of this Python); "" when it built, else the compiler's complaint."""
+    paths, var = sysconfig.get_paths(), sysconfig.get_config_var
+    out = source.with_name(source.stem + str(var("EXT_SUFFIX")))
+    res = subprocess.run(
+        [os.environ.get("CC", "cc"), "-O2", "-shared", "-fPIC", "-Wall", f"-I{paths['include']}",
+         str(source), "-o", str(out)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    return "" if res.returncode == 0 else res.stderr.strip()[-500:]
+
+
 def run(mutant: Mutant, workdir: Path) -> tuple[bool, float, str]:
     """Apply ``mutant`` to a fresh copy of the sources and run its tests: (killed, s, tail)."""
     tree = workdir / "src"
@@ -310,6 +334,10 @@ def run(mutant: Mutant, workdir: Path) -> tuple[bool, float, str]:
     if text.count(mutant.old) != 1:
         return False, 0.0, f"the line to mutate is not found once in {mutant.path}"
     target.write_text(text.replace(mutant.old, mutant.new))
+    if target.suffix == ".c":  # a C build's source: compile it where Python imports it first
+        built = compile_extension(target)
+        if built:
+            return False, 0.0, f"the mutated {mutant.path} does not compile: {built}"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(tree / s) for s in SRC),
            "PYTHONDONTWRITEBYTECODE": "1"}  # fmt: skip
     started = time.monotonic()

@@ -88,6 +88,28 @@ async def test_frames_before_an_oversize_header_in_the_same_read_are_answered(
         assert h.value("echo_frames_total") == 3
 
 
+async def test_a_whole_read_of_frames_is_bounded_like_any_other(start_echo: StartEcho) -> None:
+    """A read that is exactly whole frames is answered without the decoder (the C build's
+    shortcut): frames at the limit pass, a whole frame one byte over it is refused as
+    always -- the frames before it in the read answered, then a reset."""
+    async with start_echo(max_frame_size=100) as h:
+        reader, writer = await h.connect("framed")
+        at_limit = encode(b"a" * 100) + encode(b"") + encode(b"b" * 7)
+        writer.write(at_limit)
+        await writer.drain()
+        assert await asyncio.wait_for(reader.readexactly(len(at_limit)), 5) == at_limit
+        assert h.value("echo_frames_total") == 3
+        writer.write(encode(b"c") + struct.pack("!I", 101) + b"d" * 101)  # whole, but over
+        await writer.drain()
+        assert await asyncio.wait_for(reader.readexactly(5), 5) == encode(b"c")
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        await h.wait_for(lambda: h.value("echo_connections_active", mode="framed") == 0)
+        assert h.value("echo_errors_total", mode="framed", kind="frame_too_large") == 1
+        assert h.value("echo_frames_total") == 4
+
+
 @pytest.mark.parametrize("mode", MODES)
 async def test_idle_timeout_never_closes_early(start_echo: StartEcho, mode: str) -> None:
     """Defect 4: with a 2 s timeout, silent connections were closed after 1.6-2.0 s. The
