@@ -27,7 +27,7 @@ from wirekit_udp.settings import UdpSettings
 times = st.floats(min_value=-10.0, max_value=1e4, allow_nan=False) | st.sampled_from([0.0, 1.0])
 rates = st.sampled_from([0, 0.5, 1, 10.0, 1e9, math.inf]) | st.floats(0.0, 1e6)
 bursts = st.integers(0, 20) | st.sampled_from([1.5, 1e9])
-SOURCES = ["10.0.0.1", "10.0.0.2", "10.0.0.3", "::1", "2001:db8::/64", 7]
+SOURCES: list[Any] = ["10.0.0.1", "10.0.0.2", "10.0.0.3", "::1", "2001:db8::/64", 7]
 sources = st.sampled_from(SOURCES)
 
 
@@ -47,7 +47,8 @@ def assert_same(got: Any, want: Any) -> None:
     infinite rate holds NaN tokens after a refill); a bool where the model has a bool."""
     assert (type(got) is bool) == (type(want) is bool), (got, want)
     if isinstance(want, float) and math.isnan(want):
-        assert isinstance(got, float) and math.isnan(got), (got, want)
+        assert isinstance(got, float), (got, want)
+        assert math.isnan(got), (got, want)
     else:
         assert got == want, (got, want)
 
@@ -153,7 +154,8 @@ def _pure_hot() -> ModuleType:
     """``_hot.py`` itself, whichever build ``wirekit_udp._hot`` is: the reference."""
     path = Path(protocol.__file__).with_name("_hot.py")
     spec = importlib.util.spec_from_file_location("wirekit_udp._hot_reference", path)
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -171,7 +173,8 @@ def _reference_echo(ctx: UdpContext) -> Any:
 
     methods = {name: UdpEcho.__dict__[name] for name in
                ("connection_made", "_send_empty", "_judge", "_drop", "error_received")}  # fmt: skip
-    cls = type("ReferenceEcho", (PURE.Core, asyncio.DatagramProtocol), {"__init__": init, **methods})
+    bases = (PURE.Core, asyncio.DatagramProtocol)
+    cls = type("ReferenceEcho", bases, {"__init__": init, **methods})
     return cls(ctx)
 
 
@@ -233,7 +236,7 @@ def test_the_path_is_the_references(
         if reference:
             ctx.limiter = ratelimit.SourceLimiter(rate, burst, limit)
             ctx.global_bucket = ratelimit.TokenBucket(10.0, burst_global, 0.0)
-        proto = _reference_echo(ctx) if reference else UdpEcho(ctx)
+        proto: Any = _reference_echo(ctx) if reference else UdpEcho(ctx)
         transport = FakeTransport()
         proto.connection_made(transport)
         proto.sends_empty, proto._ipv4 = sends_empty, ipv4
