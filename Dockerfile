@@ -21,7 +21,7 @@ RUN if [ ! -x /usr/bin/tini ]; then \
       --shell /usr/sbin/nologin wirekit
 
 FROM base AS venv
-# The wheelhouse's framing and echo wheels may hold compiled modules (mypyc, C; built on the host):
+# The wheelhouse's framing, echo and udp wheels may hold compiled modules (mypyc, C; built on the host):
 # where they do not load on this base (another C library), they are removed and the pure-Python
 # modules beside them run (python -m wirekit_servicekit.accel says which).
 # Marks this build-only stage, so its leftover image can be pruned (docker image prune --filter).
@@ -32,10 +32,10 @@ RUN python3 -m venv /opt/wirekit \
  && /opt/wirekit/bin/pip install --no-cache-dir --no-index --find-links /wheelhouse \
       --require-hashes -r /wheelhouse/runtime.txt \
  && /opt/wirekit/bin/pip install --no-cache-dir --no-index --no-deps /wheelhouse/wirekit_*.whl \
- && if ! /opt/wirekit/bin/python -m wirekit_servicekit.accel wirekit_echo >/dev/null 2>&1; then \
+ && if ! /opt/wirekit/bin/python -m wirekit_servicekit.accel wirekit_echo wirekit_udp >/dev/null 2>&1; then \
       echo "the compiled modules do not load on this base: pure Python" >&2; \
       find /opt/wirekit/lib -path '*/site-packages/wirekit_*/*.so' -delete; \
-      /opt/wirekit/bin/python -m wirekit_servicekit.accel --expect pure wirekit_echo; \
+      /opt/wirekit/bin/python -m wirekit_servicekit.accel --expect pure wirekit_echo wirekit_udp; \
     fi \
  && /opt/wirekit/bin/pip uninstall --yes --quiet pip \
  && /opt/wirekit/bin/python -m compileall -q /opt/wirekit >/dev/null

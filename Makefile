@@ -121,10 +121,12 @@ wheelhouse: $(READY) ## pinned dependencies (hash-checked), wirekit wheels (hot 
 
 #: The members whose per-message path has a compiled build, and what that build leaves beside
 #: the sources: framing's codec by mypyc (hatch-mypyc, its pyproject.toml), echo's per-read
-#: path in C (_hot.c, by services/echo/hatch_build.py). ACCEL_HOOKS turns both hooks on or off. `ACCEL=0` builds pure-Python wheels even where a C compiler is found. The images'
-#: wheels are compiled only by a Python 3.11 (the images' python3.11 installs no other tag); the
-#: Dockerfile falls back to the pure modules where the compiled ones do not load (another libc).
-ACCEL_MEMBERS := shared/framing services/echo
+#: path and udp's per-datagram path in C (_hot.c, by tools/hatch_cext.py). ACCEL_HOOKS turns
+#: both hooks on or off. `ACCEL=0` builds pure-Python wheels even where a C compiler is found.
+#: The images' wheels are compiled only by a Python 3.11 (the images' python3.11 installs no
+#: other tag); the Dockerfile falls back to the pure modules where the compiled ones do not load
+#: (another libc).
+ACCEL_MEMBERS := shared/framing services/echo services/udp
 ACCEL_SO      := $(addsuffix /src/*/*.so,$(ACCEL_MEMBERS))
 ACCEL_ON      := $(if $(filter 0,$(ACCEL)),,$(shell command -v $(CC) >/dev/null && echo 1))
 ACCEL_HOOKS    = HATCH_BUILD_HOOK_ENABLE_MYPYC=$(1) HATCH_BUILD_HOOK_ENABLE_CUSTOM=$(1)
@@ -136,12 +138,12 @@ accel: $(READY) ## compile the hot modules in place (mypyc, C): the venv, make t
 	$(call ACCEL_HOOKS,true) $(BIN)/pip wheel -q --disable-pip-version-check --no-deps \
 	  --no-build-isolation -w build/accel $(ACCEL_MEMBERS)
 	rm -rf build/accel
-	$(BIN)/python -m wirekit_servicekit.accel --expect compiled wirekit_echo
+	$(BIN)/python -m wirekit_servicekit.accel --expect compiled wirekit_echo wirekit_udp
 
 pure: ## remove what make accel compiled in place: back to the pure-Python modules
 	rm -f $(ACCEL_SO)
 
-test-compiled: accel ## the framing and echo tests against the compiled build (then back to pure)
+test-compiled: accel ## the framing, echo and udp tests against the compiled build (then back to pure)
 	status=0; $(BIN)/pytest -p no:cacheprovider $(addsuffix /tests,$(ACCEL_MEMBERS)) || status=$$?; \
 	  rm -f $(ACCEL_SO); exit $$status
 

@@ -88,7 +88,7 @@ MUTANTS = [
     Mutant("ratelimit: a source's bucket never refills", SK + "ratelimit.py",
            "        tokens = bucket.tokens + (now - bucket.stamp) * bucket.rate",
            "        tokens = bucket.tokens", UDP_T + "/test_defences.py"),
-    Mutant("udp: the global bucket (inlined) never refuses", UD + "protocol.py",
+    Mutant("udp: the global bucket (inlined) never refuses", UD + "_hot.py",
            "        if tokens < 1.0:\n            bucket.tokens = tokens",
            "        if False:\n            bucket.tokens = tokens", UDP_T + "/test_defences.py"),
     Mutant("settings: --token accepted on the command line", SK + "settings.py",
@@ -240,10 +240,10 @@ MUTANTS = [
     Mutant("udp: our own answer coming back is answered", UD + "defences.py",
            "        return when is not None and now - when < self.window_s",
            "        return False", UDP_T + "/test_loops.py"),
-    Mutant("udp: our own answer coming back is answered (the inlined check)", UD + "protocol.py",
+    Mutant("udp: our own answer coming back is answered (the inlined check)", UD + "_hot.py",
            "        if when is not None and now - when < self._window:", "        if False:",
            UDP_T + "/test_loops.py"),
-    Mutant("udp: answers not remembered by the inlined check", UD + "protocol.py",
+    Mutant("udp: answers not remembered by the inlined check", UD + "_hot.py",
            "            answers[key] = now\n        else:\n            self.loop.answered(key, now)",
            "            pass\n        else:\n            pass", UDP_T + "/test_loops.py"),
     Mutant("udp: answers counted at scrape time go down", UD + "protocol.py",
@@ -256,7 +256,7 @@ MUTANTS = [
            "                reply = replies.get(ancillary[0])",
            "                reply = next(iter(replies.values()), None)",
            UDP_T + "/test_loops.py -k address_that_was_asked"),
-    Mutant("udp: privileged source ports answered", UD + "protocol.py",
+    Mutant("udp: privileged source ports answered", UD + "_hot.py",
            "        if port < self.min_port:", "        if False:", UDP_T),
     Mutant("udp: broadcast sources answered", UD + "defences.py",
            "    return addr.is_multicast or addr.is_unspecified", "    return False", UDP_T),
@@ -309,7 +309,7 @@ MUTANTS = [
 
 
 def compile_extension(source: Path) -> str:
-    """Build ``source`` into an extension module beside it, as hatch_build.py would (the same
+    """Build ``source`` into an extension module beside it, as tools/hatch_cext.py would (the same
     compiler flags of this Python); "" when it built, else the compiler's complaint."""
     paths, var = sysconfig.get_paths(), sysconfig.get_config_var
     out = source.with_name(source.stem + str(var("EXT_SUFFIX")))

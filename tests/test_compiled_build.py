@@ -40,11 +40,12 @@ def test_wheelhouse_compiles_only_where_a_compiler_is_found(
 ) -> None:
     plan = _wheelhouse_plan(**variables)
     want = "true" if compiled else "false"
-    # both hooks: framing's mypyc, echo's C (hatch_build.py)
+    # both hooks: framing's mypyc, echo's and udp's C (tools/hatch_cext.py)
     assert f"HATCH_BUILD_HOOK_ENABLE_MYPYC={want} HATCH_BUILD_HOOK_ENABLE_CUSTOM={want} " in plan
     # the other members are built as they always were, and what the build leaves is removed
-    assert "services/cmdexec services/udp services/probe" in plan
-    assert "rm -f shared/framing/src/*/*.so services/echo/src/*/*.so" in plan
+    assert "services/cmdexec services/probe" in plan
+    so = "shared/framing/src/*/*.so services/echo/src/*/*.so services/udp/src/*/*.so"
+    assert f"rm -f {so}" in plan
 
 
 def test_wheelhouse_compiles_only_with_the_images_python(tmp_path: Path) -> None:
@@ -63,6 +64,7 @@ def test_wheelhouse_compiles_only_with_the_images_python(tmp_path: Path) -> None
     [
         ("shared/framing", "wirekit_framing", "_codec.py"),
         ("services/echo", "wirekit_echo", "_hot.py"),
+        ("services/udp", "wirekit_udp", "_hot.py"),
     ],
 )
 def test_with_the_hook_off_the_wheel_is_pure_python(

@@ -9,7 +9,7 @@
  * split across reads, an oversize header, late input, the drain) goes to the same Python
  * code as the pure build: FramedEcho._relayed, _late_input, _finish_if_answered.
  *
- * Only CPython's stable-in-practice C API is used (no internals); built by hatch_build.py.
+ * Only CPython's stable-in-practice C API is used (no internals); built by tools/hatch_cext.py.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

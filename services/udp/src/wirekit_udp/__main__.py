@@ -39,7 +39,7 @@ def build(runtime: Runtime[UdpSettings]) -> list[Part]:
     ]
 
 
-SERVICE = Service("wirekit-udp", __version__, UdpSettings, build)
+SERVICE = Service("wirekit-udp", __version__, UdpSettings, build, compiled=("wirekit_udp._hot",))
 main = SERVICE.main
 serve = SERVICE.serve  # the in-process entry point of earlier releases, for tests and embedders
 

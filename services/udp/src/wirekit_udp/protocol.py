@@ -24,7 +24,8 @@ from wirekit_servicekit import HotCounter
 from wirekit_servicekit.metrics import Cell
 from wirekit_servicekit.ratelimit import SourceLimiter, TokenBucket
 
-from .defences import LoopGuard, is_broadcast_or_multicast, source_key
+from . import _hot
+from .defences import LoopGuard, is_broadcast_or_multicast
 from .kernel import SocketStats
 from .settings import UdpSettings
 
@@ -50,7 +51,8 @@ class UdpMetrics:
         ns = "udp"
 
         def cell(name: str, doc: str) -> Cell:
-            return HotCounter(name, doc, namespace=ns, registry=registry).labels()
+            return HotCounter(name, doc, namespace=ns, registry=registry,
+                              cell=_hot.Cell).labels()  # fmt: skip
 
         self.received = cell("datagrams_received", "Datagrams received.")
         self.received_bytes = cell("received_bytes", "Bytes received.")
@@ -173,13 +175,14 @@ class UdpContext:
         tracer: trace.Tracer,
         clock: Callable[[], float],
     ) -> UdpContext:
-        limiter = SourceLimiter(settings.rate_per_source, settings.burst_per_source,
+        # the rate limits the per-datagram path reads in C where it is built (_hot)
+        limiter = _hot.SourceLimiter(settings.rate_per_source, settings.burst_per_source,
                                 settings.limit_sources)  # fmt: skip
         return cls(
             metrics=UdpMetrics(registry, limiter),
             limiter=limiter,
             reporter=DropReporter(tracer, settings.report_interval_s),
-            global_bucket=TokenBucket(settings.rate_global, settings.burst_global, 0.0),
+            global_bucket=_hot.TokenBucket(settings.rate_global, settings.burst_global, 0.0),
             loop=LoopGuard(settings.loop_window_s, settings.limit_sources),
             clock=clock,
             max_size=settings.max_datagram_size,
@@ -190,36 +193,16 @@ class UdpContext:
         )
 
 
-def _not_connected(data: bytes, addr: Address) -> None:
-    raise RuntimeError("datagram_received before connection_made")
+class UdpEcho(_hot.Core, asyncio.DatagramProtocol):
+    """The endpoint's protocol. ``_hot.Core`` holds what each datagram touches (the defences'
+    state, the transport's ``sendto``, the received cells) and ``datagram_received``; what is
+    rare is here: ``_judge``, ``_drop``, ``_send_empty``."""
 
-
-class UdpEcho(asyncio.DatagramProtocol):
     def __init__(self, ctx: UdpContext) -> None:
-        self.ctx = ctx
+        super().__init__(ctx)
         self.stats = ctx.metrics
-        self.limiter = ctx.limiter
         self.reporter = ctx.reporter
-        self.max_size = ctx.max_size
-        self.min_port = ctx.min_port
-        self.deny_ports = ctx.deny_ports
         self.check_source = ctx.check_source
-        self.global_bucket = ctx.global_bucket
-        self.loop = ctx.loop
-        # the loop guard's table and rule, for its steps inlined in datagram_received
-        self._answers, self._window, self._remember = (
-            ctx.loop.answers,
-            ctx.loop.window_s,
-            ctx.loop.limit,
-        )
-        self._unicast: set[str] = set()  # sources judged not broadcast or multicast
-        self.transport: asyncio.DatagramTransport | None = None
-        self._sendto: Callable[[bytes, Address], None] = _not_connected
-        self.sends_empty = False  # asyncio's transport skips empty datagrams
-        self._ipv4 = False  # an IPv4 socket: every source is its own rate-limit key
-        self._time = ctx.clock
-        # the per-datagram cells, one attribute away
-        self._received, self._received_bytes = ctx.metrics.received, ctx.metrics.received_bytes
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -242,57 +225,9 @@ class UdpEcho(asyncio.DatagramProtocol):
         except OSError:
             self.stats.dropped["send_error"].n += 1
 
-    def datagram_received(self, data: bytes, addr: Address) -> None:
-        # Every step here runs for every datagram: calls are inlined where a call would cost as
-        # much as the work (LoopGuard's, the global bucket's take), attributes bound once.
-        n = len(data)
-        port = addr[1]
-        if n > self.max_size:
-            self._drop("oversize", addr, n)
-            return
-        if port < self.min_port:
-            self._drop("privileged_port", addr, n)
-            return
-        if port in self.deny_ports:
-            self._drop("denied_port", addr, n)
-            return
-        host = addr[0]
-        if host not in self._unicast and self._judge(host):
-            self._drop("broadcast_multicast", addr, n)
-            return
-        now = self._time()
-        # LoopGuard.key and .reflected
-        key = hash((addr, data))
-        answers = self._answers
-        when = answers.get(key)
-        if when is not None and now - when < self._window:
-            self._drop("loop", addr, n)
-            return
-        # self.global_bucket.take(now)
-        bucket = self.global_bucket
-        tokens = bucket.tokens + (now - bucket.stamp) * bucket.rate
-        if tokens > bucket.burst:
-            tokens = bucket.burst
-        bucket.stamp = now
-        if tokens < 1.0:
-            bucket.tokens = tokens
-            self._drop("rate_limit_global", addr, n)
-            return
-        bucket.tokens = tokens - 1.0
-        if not self.limiter.allow(host if self._ipv4 else source_key(host), now):
-            self._drop("rate_limit_source", addr, n)
-            return
-        if n or self.sends_empty:
-            self._sendto(data, addr)  # the same bytes: never larger
-        else:
-            self._send_empty(addr)
-        # LoopGuard.answered
-        if len(answers) < self._remember:
-            answers[key] = now
-        else:
-            self.loop.answered(key, now)  # a full table: pruned, at most once a window
-        self._received.n += 1  # after its fate: see Answered
-        self._received_bytes.n += n
+    # C where built (_hot.c), else _hot.py's: the checks, the clock, the loop guard's table,
+    # the global and per-source buckets, sendto, the received cells
+    datagram_received = _hot.Core.datagram_received
 
     def _judge(self, host: str) -> bool:
         """Whether ``host`` is a source no echo answers; one that is not joins ``_unicast``

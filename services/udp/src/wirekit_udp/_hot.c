@@ -1,0 +1,938 @@
+/* The C build of wirekit_udp._hot (the pure-Python module of the same name is the fallback
+ * and the reference: same names, same behaviour, same tests -- `make test-compiled`).
+ *
+ * What it is for: udp's per-datagram path is a dozen checks, each a few Python-level
+ * attribute reads, and two token buckets (the global one and the source's); in Python they
+ * cost twice what a bare uvloop echo costs in all. Here the state they touch lives in C
+ * structures: a datagram that is answered costs the clock's call, the loop key's hash, two
+ * dict look-ups, the bucket arithmetic and the one call it must make: transport.sendto().
+ * Everything rare goes to the same Python code as the pure build: UdpEcho._drop, _judge,
+ * _send_empty, LoopGuard.answered (a full table).
+ *
+ * TokenBucket and SourceLimiter are wirekit_servicekit.ratelimit's, in C: the same attributes,
+ * methods and results (the same float operations in the same order). A limiter's table is a
+ * dict of buckets, ordered least recently seen first by a list through the buckets.
+ *
+ * Only CPython's public C API is used (no internals); built by tools/hatch_cext.py.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+static PyObject *str_drop, *str_judge, *str_send_empty, *str_answered;
+static PyObject *reason_oversize, *reason_privileged_port, *reason_denied_port,
+    *reason_broadcast_multicast, *reason_loop, *reason_rate_limit_global,
+    *reason_rate_limit_source;
+static PyObject *source_key; /* wirekit_udp.defences.source_key */
+
+/* -- Cell: one counter value (wirekit_servicekit.metrics.Cell's interface) ------------------ */
+
+typedef struct {
+    PyObject_HEAD
+    long long n;
+} CellObject;
+
+static PyMemberDef Cell_members[] = {
+    {"n", T_LONGLONG, offsetof(CellObject, n), 0, "The value."},
+    {NULL},
+};
+
+static PyTypeObject CellType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "wirekit_udp._hot.Cell",
+    .tp_doc = "One counter value: cell.n += k (a C long long).",
+    .tp_basicsize = sizeof(CellObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_members = Cell_members,
+};
+
+/* -- TokenBucket ------------------------------------------------------------------------------ */
+
+typedef struct BucketObject {
+    PyObject_HEAD
+    double rate, burst, tokens, stamp;
+    char limited; /* SourceLimiter's bookkeeping: its last allow() was refused */
+    /* In a SourceLimiter's table: its key there, and its neighbours in the limiter's list
+     * (least recently seen first; borrowed: the table holds the buckets). */
+    PyObject *key;
+    struct BucketObject *prev, *next;
+} BucketObject;
+
+static PyTypeObject BucketType;
+
+static int
+Bucket_traverse(BucketObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->key);
+    return 0;
+}
+
+static int
+Bucket_clear(BucketObject *self)
+{
+    Py_CLEAR(self->key);
+    return 0;
+}
+
+static void
+Bucket_dealloc(BucketObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    Bucket_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* A number as a C double, as Python's float arithmetic would take it. */
+static inline int
+as_double(PyObject *value, double *out)
+{
+    if (PyFloat_CheckExact(value)) {
+        *out = PyFloat_AS_DOUBLE(value);
+        return 0;
+    }
+    *out = PyFloat_AsDouble(value);
+    return (*out == -1.0 && PyErr_Occurred()) ? -1 : 0;
+}
+
+static inline void
+bucket_set(BucketObject *self, double rate, double burst, double now)
+{
+    self->rate = rate;
+    self->burst = burst;
+    self->tokens = burst;
+    self->stamp = now;
+    self->limited = 0;
+}
+
+static int
+Bucket_init(BucketObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"rate", "burst", "now", NULL};
+    PyObject *rate, *burst, *now;
+    double r, b, t;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO:TokenBucket", kwlist, &rate, &burst, &now))
+        return -1;
+    if (as_double(rate, &r) < 0 || as_double(burst, &b) < 0 || as_double(now, &t) < 0)
+        return -1;
+    bucket_set(self, r, b, t);
+    return 0;
+}
+
+/* min(self.burst, ...): Python's min keeps the first unless the second is smaller (NaN). */
+static inline double
+bucket_level(BucketObject *self, double now)
+{
+    double level = self->tokens + (now - self->stamp) * self->rate;
+    return level < self->burst ? level : self->burst;
+}
+
+/* TokenBucket.take */
+static inline int
+bucket_take(BucketObject *self, double now)
+{
+    double tokens = self->tokens + (now - self->stamp) * self->rate;
+    if (tokens > self->burst)
+        tokens = self->burst;
+    self->stamp = now;
+    if (tokens >= 1.0) {
+        self->tokens = tokens - 1.0;
+        return 1;
+    }
+    self->tokens = tokens;
+    return 0;
+}
+
+static int
+parse_now(PyObject *args, PyObject *kwds, const char *format, double *now)
+{
+    static char *kwlist[] = {"now", NULL};
+    PyObject *value;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, format, kwlist, &value))
+        return -1;
+    return as_double(value, now);
+}
+
+static PyObject *
+Bucket_level(BucketObject *self, PyObject *args, PyObject *kwds)
+{
+    double now;
+    if (parse_now(args, kwds, "O:level", &now) < 0)
+        return NULL;
+    return PyFloat_FromDouble(bucket_level(self, now));
+}
+
+static PyObject *
+Bucket_ready(BucketObject *self, PyObject *args, PyObject *kwds)
+{
+    double now;
+    if (parse_now(args, kwds, "O:ready", &now) < 0)
+        return NULL;
+    return PyBool_FromLong(bucket_level(self, now) >= 1.0);
+}
+
+/* max(0.0, 1.0 - level) / rate: max keeps the first unless the second is larger (NaN). */
+static PyObject *
+bucket_wait_s(BucketObject *self, double now)
+{
+    double missing = 1.0 - bucket_level(self, now);
+    double wait = missing > 0.0 ? missing : 0.0;
+    if (self->rate == 0.0) {
+        PyErr_SetString(PyExc_ZeroDivisionError, "float division by zero");
+        return NULL;
+    }
+    return PyFloat_FromDouble(wait / self->rate);
+}
+
+static PyObject *
+Bucket_wait_s(BucketObject *self, PyObject *args, PyObject *kwds)
+{
+    double now;
+    if (parse_now(args, kwds, "O:wait_s", &now) < 0)
+        return NULL;
+    return bucket_wait_s(self, now);
+}
+
+static PyObject *
+Bucket_take(BucketObject *self, PyObject *args, PyObject *kwds)
+{
+    double now;
+    if (parse_now(args, kwds, "O:take", &now) < 0)
+        return NULL;
+    return PyBool_FromLong(bucket_take(self, now));
+}
+
+static PyMethodDef Bucket_methods[] = {
+    {"level", (PyCFunction)(void (*)(void))Bucket_level, METH_VARARGS | METH_KEYWORDS,
+     "The tokens it holds at now (nothing is taken)."},
+    {"ready", (PyCFunction)(void (*)(void))Bucket_ready, METH_VARARGS | METH_KEYWORDS,
+     "Whether a take() now would succeed (nothing is taken)."},
+    {"wait_s", (PyCFunction)(void (*)(void))Bucket_wait_s, METH_VARARGS | METH_KEYWORDS,
+     "Seconds until a take() would succeed (0 when it would now)."},
+    {"take", (PyCFunction)(void (*)(void))Bucket_take, METH_VARARGS | METH_KEYWORDS,
+     "Take one token at now: whether there was one."},
+    {NULL},
+};
+
+static PyMemberDef Bucket_members[] = {
+    {"rate", T_DOUBLE, offsetof(BucketObject, rate), 0, "Tokens per second."},
+    {"burst", T_DOUBLE, offsetof(BucketObject, burst), 0, "The most tokens it holds."},
+    {"tokens", T_DOUBLE, offsetof(BucketObject, tokens), 0, "The tokens at stamp."},
+    {"stamp", T_DOUBLE, offsetof(BucketObject, stamp), 0, "When tokens was last computed."},
+    {"limited", T_BOOL, offsetof(BucketObject, limited), 0,
+     "SourceLimiter's bookkeeping: its last allow() was refused."},
+    {NULL},
+};
+
+static PyTypeObject BucketType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "wirekit_udp._hot.TokenBucket",
+    .tp_doc = "TokenBucket(rate, burst, now): rate tokens per second up to burst; each event "
+              "takes one (wirekit_servicekit.ratelimit.TokenBucket in C).",
+    .tp_basicsize = sizeof(BucketObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Bucket_init,
+    .tp_dealloc = (destructor)Bucket_dealloc,
+    .tp_traverse = (traverseproc)Bucket_traverse,
+    .tp_clear = (inquiry)Bucket_clear,
+    .tp_methods = Bucket_methods,
+    .tp_members = Bucket_members,
+};
+
+/* -- SourceLimiter ---------------------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    double rate, burst;
+    Py_ssize_t limit;
+    Py_ssize_t limited; /* sources whose last allow() was refused */
+    PyObject *table;    /* dict: source -> TokenBucket */
+    BucketObject *oldest, *newest; /* the buckets, least recently seen first (borrowed) */
+} LimiterObject;
+
+static PyTypeObject LimiterType;
+
+static int
+Limiter_traverse(LimiterObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->table);
+    return 0;
+}
+
+static int
+Limiter_clear(LimiterObject *self)
+{
+    self->oldest = self->newest = NULL;
+    Py_CLEAR(self->table);
+    return 0;
+}
+
+static void
+Limiter_dealloc(LimiterObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    Limiter_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int
+Limiter_init(LimiterObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"rate", "burst", "limit", NULL};
+    PyObject *rate, *burst;
+    Py_ssize_t limit;
+    double r, b;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOn:SourceLimiter", kwlist, &rate, &burst,
+                                     &limit))
+        return -1;
+    if (as_double(rate, &r) < 0 || as_double(burst, &b) < 0)
+        return -1;
+    PyObject *table = PyDict_New();
+    if (table == NULL)
+        return -1;
+    Py_XSETREF(self->table, table);
+    self->oldest = self->newest = NULL;
+    self->rate = r;
+    self->burst = b;
+    self->limit = limit;
+    self->limited = 0;
+    return 0;
+}
+
+static inline void
+list_unlink(LimiterObject *self, BucketObject *b)
+{
+    if (b->prev)
+        b->prev->next = b->next;
+    else
+        self->oldest = b->next;
+    if (b->next)
+        b->next->prev = b->prev;
+    else
+        self->newest = b->prev;
+    b->prev = b->next = NULL;
+}
+
+static inline void
+list_append(LimiterObject *self, BucketObject *b)
+{
+    b->prev = self->newest;
+    b->next = NULL;
+    if (self->newest)
+        self->newest->next = b;
+    else
+        self->oldest = b;
+    self->newest = b;
+}
+
+static int
+limiter_ready(LimiterObject *self)
+{
+    if (self->table == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "SourceLimiter is not initialised");
+        return -1;
+    }
+    return 0;
+}
+
+/* SourceLimiter.allow: 1 allowed, 0 refused, -1 an error. */
+static int
+limiter_allow(LimiterObject *self, PyObject *source, double now)
+{
+    PyObject *table = self->table;
+    BucketObject *bucket = (BucketObject *)PyDict_GetItemWithError(table, source);
+    if (bucket == NULL) {
+        if (PyErr_Occurred())
+            return -1;
+        if (PyDict_GET_SIZE(table) >= self->limit) {
+            BucketObject *evicted = self->oldest;
+            if (evicted == NULL) { /* OrderedDict.popitem() of an empty table */
+                PyErr_SetString(PyExc_KeyError, "dictionary is empty");
+                return -1;
+            }
+            if (evicted->key == NULL) {
+                PyErr_SetString(PyExc_RuntimeError, "SourceLimiter's table was cleared");
+                return -1;
+            }
+            list_unlink(self, evicted);
+            self->limited -= evicted->limited;
+            if (PyDict_DelItem(table, evicted->key) < 0)
+                return -1;
+        }
+        bucket = PyObject_GC_New(BucketObject, &BucketType);
+        if (bucket == NULL)
+            return -1;
+        bucket_set(bucket, self->rate, self->burst, now);
+        Py_INCREF(source);
+        bucket->key = source;
+        bucket->prev = bucket->next = NULL;
+        PyObject_GC_Track(bucket);
+        int failed = PyDict_SetItem(table, source, (PyObject *)bucket);
+        Py_DECREF(bucket); /* the table's now */
+        if (failed)
+            return -1;
+        list_append(self, bucket);
+    } else if (bucket != self->newest) {
+        list_unlink(self, bucket);
+        list_append(self, bucket);
+    }
+    /* bucket.take(now), and the limited bookkeeping */
+    double tokens = bucket->tokens + (now - bucket->stamp) * bucket->rate;
+    if (tokens > bucket->burst)
+        tokens = bucket->burst;
+    bucket->stamp = now;
+    int ok = tokens >= 1.0;
+    bucket->tokens = ok ? tokens - 1.0 : tokens;
+    if (ok == bucket->limited) { /* the source changed state (limited <-> not limited) */
+        self->limited += ok ? -1 : 1;
+        bucket->limited = !ok;
+    }
+    return ok;
+}
+
+static PyObject *
+Limiter_allow(LimiterObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"source", "now", NULL};
+    PyObject *source, *when;
+    double now;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO:allow", kwlist, &source, &when)
+        || as_double(when, &now) < 0 || limiter_ready(self) < 0)
+        return NULL;
+    int ok = limiter_allow(self, source, now);
+    return ok < 0 ? NULL : PyBool_FromLong(ok);
+}
+
+/* The source's bucket, borrowed; NULL without an error when the table has none. */
+static BucketObject *
+limiter_find(LimiterObject *self, PyObject *args, PyObject *kwds, const char *format,
+             double *now)
+{
+    static char *kwlist[] = {"source", "now", NULL};
+    PyObject *source, *when;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, format, kwlist, &source, &when)
+        || as_double(when, now) < 0 || limiter_ready(self) < 0)
+        return NULL;
+    return (BucketObject *)PyDict_GetItemWithError(self->table, source);
+}
+
+static PyObject *
+Limiter_ready(LimiterObject *self, PyObject *args, PyObject *kwds)
+{
+    double now;
+    BucketObject *bucket = limiter_find(self, args, kwds, "OO:ready", &now);
+    if (bucket == NULL)
+        return PyErr_Occurred() ? NULL : Py_NewRef(Py_True);
+    return PyBool_FromLong(bucket_level(bucket, now) >= 1.0);
+}
+
+static PyObject *
+Limiter_wait_s(LimiterObject *self, PyObject *args, PyObject *kwds)
+{
+    double now;
+    BucketObject *bucket = limiter_find(self, args, kwds, "OO:wait_s", &now);
+    if (bucket == NULL)
+        return PyErr_Occurred() ? NULL : PyFloat_FromDouble(0.0);
+    return bucket_wait_s(bucket, now);
+}
+
+static Py_ssize_t
+Limiter_length(LimiterObject *self)
+{
+    return self->table == NULL ? 0 : PyDict_GET_SIZE(self->table);
+}
+
+static PyMethodDef Limiter_methods[] = {
+    {"allow", (PyCFunction)(void (*)(void))Limiter_allow, METH_VARARGS | METH_KEYWORDS,
+     "Take one of source's tokens at now: whether it had one."},
+    {"ready", (PyCFunction)(void (*)(void))Limiter_ready, METH_VARARGS | METH_KEYWORDS,
+     "Whether source has a token now (nothing is taken; unknown sources have one)."},
+    {"wait_s", (PyCFunction)(void (*)(void))Limiter_wait_s, METH_VARARGS | METH_KEYWORDS,
+     "Seconds until source has a token again (0 when it has one now)."},
+    {NULL},
+};
+
+static PyMemberDef Limiter_members[] = {
+    {"rate", T_DOUBLE, offsetof(LimiterObject, rate), 0, "Each source's tokens per second."},
+    {"burst", T_DOUBLE, offsetof(LimiterObject, burst), 0, "Each source's most tokens."},
+    {"limit", T_PYSSIZET, offsetof(LimiterObject, limit), 0, "The most sources remembered."},
+    {"limited", T_PYSSIZET, offsetof(LimiterObject, limited), 0,
+     "Sources whose last event was refused."},
+    {NULL},
+};
+
+static PySequenceMethods Limiter_as_sequence = {
+    .sq_length = (lenfunc)Limiter_length,
+};
+
+static PyTypeObject LimiterType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "wirekit_udp._hot.SourceLimiter",
+    .tp_doc = "SourceLimiter(rate, burst, limit): one token bucket per source in a table of at "
+              "most limit, the least recently seen forgotten first "
+              "(wirekit_servicekit.ratelimit.SourceLimiter in C).",
+    .tp_basicsize = sizeof(LimiterObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Limiter_init,
+    .tp_dealloc = (destructor)Limiter_dealloc,
+    .tp_traverse = (traverseproc)Limiter_traverse,
+    .tp_clear = (inquiry)Limiter_clear,
+    .tp_methods = Limiter_methods,
+    .tp_members = Limiter_members,
+    .tp_as_sequence = &Limiter_as_sequence,
+};
+
+/* -- Core: the state of the endpoint that its datagrams touch --------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *ctx;
+    PyObject *transport;
+    PyObject *sendto;
+    PyObject *time;          /* ctx.clock */
+    PyObject *loop;          /* the LoopGuard */
+    PyObject *answers;       /* its dict: hash((addr, data)) -> when answered */
+    PyObject *unicast;       /* set: hosts judged unicast */
+    PyObject *deny_ports;    /* set or frozenset */
+    LimiterObject *limiter;
+    BucketObject *global_bucket;
+    CellObject *received, *received_bytes;
+    double window;
+    Py_ssize_t remember;
+    Py_ssize_t max_size;
+    long min_port;
+    char sends_empty;
+    char ipv4;
+} CoreObject;
+
+static int
+Core_traverse(CoreObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->ctx);
+    Py_VISIT(self->transport);
+    Py_VISIT(self->sendto);
+    Py_VISIT(self->time);
+    Py_VISIT(self->loop);
+    Py_VISIT(self->answers);
+    Py_VISIT(self->unicast);
+    Py_VISIT(self->deny_ports);
+    Py_VISIT(self->limiter);
+    Py_VISIT(self->global_bucket);
+    Py_VISIT(self->received);
+    Py_VISIT(self->received_bytes);
+    return 0;
+}
+
+static int
+Core_clear(CoreObject *self)
+{
+    Py_CLEAR(self->ctx);
+    Py_CLEAR(self->transport);
+    Py_CLEAR(self->sendto);
+    Py_CLEAR(self->time);
+    Py_CLEAR(self->loop);
+    Py_CLEAR(self->answers);
+    Py_CLEAR(self->unicast);
+    Py_CLEAR(self->deny_ports);
+    Py_CLEAR(self->limiter);
+    Py_CLEAR(self->global_bucket);
+    Py_CLEAR(self->received);
+    Py_CLEAR(self->received_bytes);
+    return 0;
+}
+
+static void
+Core_dealloc(CoreObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    Core_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+Core_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    CoreObject *self = (CoreObject *)type->tp_alloc(type, 0);
+    if (self != NULL)
+        self->transport = Py_NewRef(Py_None);
+    return (PyObject *)self;
+}
+
+/* owner.<name>, checked to be of the C type when one is given. */
+static int
+take(PyObject *owner, const char *name, PyTypeObject *type, PyObject **slot)
+{
+    PyObject *value = PyObject_GetAttrString(owner, name);
+    if (value == NULL)
+        return -1;
+    if (type != NULL && !PyObject_TypeCheck(value, type)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a %s, not %s", name, type->tp_name,
+                     Py_TYPE(value)->tp_name);
+        Py_DECREF(value);
+        return -1;
+    }
+    Py_XSETREF(*slot, value);
+    return 0;
+}
+
+static int
+take_number(PyObject *owner, const char *name, double *d, Py_ssize_t *n)
+{
+    PyObject *value = PyObject_GetAttrString(owner, name);
+    if (value == NULL)
+        return -1;
+    int status = 0;
+    if (d != NULL)
+        status = as_double(value, d);
+    else if ((*n = PyLong_AsSsize_t(value)) == -1 && PyErr_Occurred())
+        status = -1;
+    Py_DECREF(value);
+    return status;
+}
+
+static int
+Core_init(CoreObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"ctx", NULL};
+    PyObject *ctx, *metrics = NULL;
+    Py_ssize_t max_size, min_port, remember;
+    double window;
+    int status = -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O:Core", kwlist, &ctx))
+        return -1;
+    if (take(ctx, "limiter", &LimiterType, (PyObject **)&self->limiter) < 0
+        || limiter_ready(self->limiter) < 0
+        || take(ctx, "global_bucket", &BucketType, (PyObject **)&self->global_bucket) < 0
+        || take(ctx, "loop", NULL, &self->loop) < 0
+        || take(self->loop, "answers", &PyDict_Type, &self->answers) < 0
+        || take_number(self->loop, "window_s", &window, NULL) < 0
+        || take_number(self->loop, "limit", NULL, &remember) < 0
+        || take(ctx, "clock", NULL, &self->time) < 0
+        || take(ctx, "deny_ports", NULL, &self->deny_ports) < 0
+        || take_number(ctx, "max_size", NULL, &max_size) < 0
+        || take_number(ctx, "min_port", NULL, &min_port) < 0
+        || take(ctx, "metrics", NULL, &metrics) < 0
+        || take(metrics, "received", &CellType, (PyObject **)&self->received) < 0
+        || take(metrics, "received_bytes", &CellType, (PyObject **)&self->received_bytes) < 0)
+        goto done;
+    if (!PyAnySet_Check(self->deny_ports)) {
+        PyErr_Format(PyExc_TypeError, "deny_ports must be a set or frozenset, not %s",
+                     Py_TYPE(self->deny_ports)->tp_name);
+        goto done;
+    }
+    PyObject *unicast = PySet_New(NULL);
+    if (unicast == NULL)
+        goto done;
+    Py_XSETREF(self->unicast, unicast);
+    Py_XSETREF(self->sendto, NULL); /* connection_made sets it */
+    Py_INCREF(ctx);
+    Py_XSETREF(self->ctx, ctx);
+    self->window = window;
+    self->remember = remember;
+    self->max_size = max_size;
+    self->min_port = (long)min_port;
+    self->sends_empty = 0;
+    self->ipv4 = 0;
+    status = 0;
+done:
+    Py_XDECREF(metrics);
+    return status;
+}
+
+static inline PyObject *
+call_method(PyObject *self, PyObject *name, PyObject *a, PyObject *b, PyObject *c)
+{
+    PyObject *args[4] = {self, a, b, c};
+    size_t nargs = c ? 4 : b ? 3 : 2;
+    return PyObject_VectorcallMethod(name, args, nargs | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+}
+
+/* self._drop(reason, addr, n) */
+static PyObject *
+drop(CoreObject *self, PyObject *reason, PyObject *addr, Py_ssize_t n)
+{
+    PyObject *count = PyLong_FromSsize_t(n);
+    if (count == NULL)
+        return NULL;
+    PyObject *result = call_method((PyObject *)self, str_drop, reason, addr, count);
+    Py_DECREF(count);
+    if (result == NULL)
+        return NULL;
+    Py_DECREF(result);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Core_datagram_received(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "datagram_received() takes 2 arguments (%zd given)",
+                     nargs);
+        return NULL;
+    }
+    PyObject *data = args[0], *addr = args[1];
+    PyObject *port = NULL, *host = NULL, *now = NULL, *key = NULL, *pair = NULL;
+    PyObject *result = NULL;
+    if (self->ctx == NULL) { /* set last by __init__ */
+        PyErr_SetString(PyExc_RuntimeError, "Core is not initialised");
+        return NULL;
+    }
+    Py_ssize_t n = PyObject_Length(data);
+    if (n < 0)
+        return NULL;
+    /* addr[1], addr[0] */
+    if (PyTuple_CheckExact(addr) && PyTuple_GET_SIZE(addr) >= 2) {
+        port = Py_NewRef(PyTuple_GET_ITEM(addr, 1));
+        host = Py_NewRef(PyTuple_GET_ITEM(addr, 0));
+    } else {
+        if ((port = PySequence_GetItem(addr, 1)) == NULL)
+            return NULL;
+    }
+    if (n > self->max_size) {
+        result = drop(self, reason_oversize, addr, n);
+        goto done;
+    }
+    /* port < self.min_port */
+    int low;
+    if (PyLong_CheckExact(port)) {
+        int overflow;
+        long p = PyLong_AsLongAndOverflow(port, &overflow);
+        if (p == -1 && PyErr_Occurred())
+            goto done;
+        low = overflow ? overflow < 0 : p < self->min_port;
+    } else {
+        PyObject *min_port = PyLong_FromLong(self->min_port);
+        if (min_port == NULL)
+            goto done;
+        low = PyObject_RichCompareBool(port, min_port, Py_LT);
+        Py_DECREF(min_port);
+        if (low < 0)
+            goto done;
+    }
+    if (low) {
+        result = drop(self, reason_privileged_port, addr, n);
+        goto done;
+    }
+    int denied = PySet_Contains(self->deny_ports, port);
+    if (denied < 0)
+        goto done;
+    if (denied) {
+        result = drop(self, reason_denied_port, addr, n);
+        goto done;
+    }
+    if (host == NULL && (host = PySequence_GetItem(addr, 0)) == NULL)
+        goto done;
+    int known = PySet_Contains(self->unicast, host);
+    if (known < 0)
+        goto done;
+    if (!known) {
+        PyObject *judged = call_method((PyObject *)self, str_judge, host, NULL, NULL);
+        if (judged == NULL)
+            goto done;
+        int bad = PyObject_IsTrue(judged);
+        Py_DECREF(judged);
+        if (bad < 0)
+            goto done;
+        if (bad) {
+            result = drop(self, reason_broadcast_multicast, addr, n);
+            goto done;
+        }
+    }
+    if ((now = PyObject_CallNoArgs(self->time)) == NULL)
+        goto done;
+    double t;
+    if (as_double(now, &t) < 0)
+        goto done;
+    /* LoopGuard.key and .reflected: hash((addr, data)) */
+    if ((pair = PyTuple_Pack(2, addr, data)) == NULL)
+        goto done;
+    Py_hash_t hash = PyObject_Hash(pair);
+    if (hash == -1 || (key = PyLong_FromSsize_t(hash)) == NULL)
+        goto done;
+    PyObject *answers = self->answers;
+    PyObject *when = PyDict_GetItemWithError(answers, key); /* borrowed */
+    if (when == NULL && PyErr_Occurred())
+        goto done;
+    if (when != NULL) {
+        double w;
+        if (as_double(when, &w) < 0)
+            goto done;
+        if (t - w < self->window) {
+            result = drop(self, reason_loop, addr, n);
+            goto done;
+        }
+    }
+    /* self.global_bucket.take(now), as the pure build inlines it */
+    BucketObject *bucket = self->global_bucket;
+    double tokens = bucket->tokens + (t - bucket->stamp) * bucket->rate;
+    if (tokens > bucket->burst)
+        tokens = bucket->burst;
+    bucket->stamp = t;
+    if (tokens < 1.0) {
+        bucket->tokens = tokens;
+        result = drop(self, reason_rate_limit_global, addr, n);
+        goto done;
+    }
+    bucket->tokens = tokens - 1.0;
+    /* self.limiter.allow(host if self._ipv4 else source_key(host), now) */
+    int allowed;
+    if (self->ipv4) {
+        allowed = limiter_allow(self->limiter, host, t);
+    } else {
+        PyObject *source = PyObject_CallOneArg(source_key, host);
+        if (source == NULL)
+            goto done;
+        allowed = limiter_allow(self->limiter, source, t);
+        Py_DECREF(source);
+    }
+    if (allowed < 0)
+        goto done;
+    if (!allowed) {
+        result = drop(self, reason_rate_limit_source, addr, n);
+        goto done;
+    }
+    PyObject *sent;
+    if (n || self->sends_empty) {
+        if (self->sendto == NULL) {
+            PyErr_SetString(PyExc_RuntimeError, "datagram_received before connection_made");
+            goto done;
+        }
+        PyObject *send_args[2] = {data, addr};
+        sent = PyObject_Vectorcall(self->sendto, send_args, 2, NULL);
+    } else {
+        sent = call_method((PyObject *)self, str_send_empty, addr, NULL, NULL);
+    }
+    if (sent == NULL)
+        goto done;
+    Py_DECREF(sent);
+    /* LoopGuard.answered */
+    if (PyDict_GET_SIZE(answers) < self->remember) {
+        if (PyDict_SetItem(answers, key, now) < 0)
+            goto done;
+    } else {
+        PyObject *done_ = call_method(self->loop, str_answered, key, now, NULL);
+        if (done_ == NULL)
+            goto done;
+        Py_DECREF(done_);
+    }
+    self->received->n += 1; /* after its fate: see protocol.Answered */
+    self->received_bytes->n += n;
+    result = Py_NewRef(Py_None);
+done:
+    Py_XDECREF(port);
+    Py_XDECREF(host);
+    Py_XDECREF(now);
+    Py_XDECREF(pair);
+    Py_XDECREF(key);
+    return result;
+}
+
+static PyMethodDef Core_methods[] = {
+    {"datagram_received", (PyCFunction)(void (*)(void))Core_datagram_received, METH_FASTCALL,
+     "UdpEcho.datagram_received: the defences, then the same bytes back to addr."},
+    {NULL},
+};
+
+static PyMemberDef Core_members[] = {
+    {"ctx", T_OBJECT, offsetof(CoreObject, ctx), READONLY, "The endpoint's UdpContext."},
+    {"transport", T_OBJECT, offsetof(CoreObject, transport), 0, "The transport, once made."},
+    {"_sendto", T_OBJECT, offsetof(CoreObject, sendto), 0, "The transport's sendto."},
+    {"_time", T_OBJECT, offsetof(CoreObject, time), READONLY, "ctx.clock."},
+    {"loop", T_OBJECT, offsetof(CoreObject, loop), READONLY, "The LoopGuard."},
+    {"_answers", T_OBJECT, offsetof(CoreObject, answers), READONLY, "The LoopGuard's table."},
+    {"_unicast", T_OBJECT, offsetof(CoreObject, unicast), READONLY,
+     "Sources judged not broadcast or multicast."},
+    {"deny_ports", T_OBJECT, offsetof(CoreObject, deny_ports), READONLY, "Ports not answered."},
+    {"limiter", T_OBJECT, offsetof(CoreObject, limiter), READONLY, "The per-source limiter."},
+    {"global_bucket", T_OBJECT, offsetof(CoreObject, global_bucket), READONLY,
+     "The global token bucket."},
+    {"_received", T_OBJECT, offsetof(CoreObject, received), READONLY, "Datagrams received."},
+    {"_received_bytes", T_OBJECT, offsetof(CoreObject, received_bytes), READONLY,
+     "Bytes received."},
+    {"_window", T_DOUBLE, offsetof(CoreObject, window), READONLY, "The loop window."},
+    {"_remember", T_PYSSIZET, offsetof(CoreObject, remember), READONLY,
+     "The most answers the loop guard remembers."},
+    {"max_size", T_PYSSIZET, offsetof(CoreObject, max_size), 0, "The largest datagram."},
+    {"min_port", T_LONG, offsetof(CoreObject, min_port), 0, "The lowest source port answered."},
+    {"sends_empty", T_BOOL, offsetof(CoreObject, sends_empty), 0,
+     "The transport sends empty datagrams itself."},
+    {"_ipv4", T_BOOL, offsetof(CoreObject, ipv4), 0,
+     "An IPv4 socket: every source is its own rate-limit key."},
+    {NULL},
+};
+
+static PyTypeObject CoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "wirekit_udp._hot.Core",
+    .tp_doc = "Core(ctx): the state of the udp endpoint that its datagrams touch.",
+    .tp_basicsize = sizeof(CoreObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_new = Core_new,
+    .tp_init = (initproc)Core_init,
+    .tp_dealloc = (destructor)Core_dealloc,
+    .tp_traverse = (traverseproc)Core_traverse,
+    .tp_clear = (inquiry)Core_clear,
+    .tp_methods = Core_methods,
+    .tp_members = Core_members,
+};
+
+static int
+intern(PyObject **slot, const char *text)
+{
+    return (*slot = PyUnicode_InternFromString(text)) == NULL ? -1 : 0;
+}
+
+static int
+hot_exec(PyObject *module)
+{
+    if (intern(&str_drop, "_drop") < 0 || intern(&str_judge, "_judge") < 0
+        || intern(&str_send_empty, "_send_empty") < 0 || intern(&str_answered, "answered") < 0
+        || intern(&reason_oversize, "oversize") < 0
+        || intern(&reason_privileged_port, "privileged_port") < 0
+        || intern(&reason_denied_port, "denied_port") < 0
+        || intern(&reason_broadcast_multicast, "broadcast_multicast") < 0
+        || intern(&reason_loop, "loop") < 0
+        || intern(&reason_rate_limit_global, "rate_limit_global") < 0
+        || intern(&reason_rate_limit_source, "rate_limit_source") < 0)
+        return -1;
+    PyObject *defences = PyImport_ImportModule("wirekit_udp.defences");
+    if (defences == NULL)
+        return -1;
+    source_key = PyObject_GetAttrString(defences, "source_key");
+    Py_DECREF(defences);
+    if (source_key == NULL)
+        return -1;
+    PyTypeObject *types[] = {&CellType, &BucketType, &LimiterType, &CoreType};
+    const char *names[] = {"Cell", "TokenBucket", "SourceLimiter", "Core"};
+    for (int i = 0; i < 4; i++) {
+        if (PyType_Ready(types[i]) < 0)
+            return -1;
+        Py_INCREF(types[i]);
+        if (PyModule_AddObject(module, names[i], (PyObject *)types[i]) < 0) {
+            Py_DECREF(types[i]);
+            return -1;
+        }
+    }
+    return PyModule_AddStringConstant(module, "BUILD", "compiled");
+}
+
+static PyModuleDef_Slot hot_slots[] = {
+    {Py_mod_exec, hot_exec},
+    {0, NULL},
+};
+
+static struct PyModuleDef hot_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "wirekit_udp._hot",
+    .m_doc = "The C build of udp's per-datagram path (the pure-Python _hot.py is the fallback).",
+    .m_size = 0,
+    .m_slots = hot_slots,
+};
+
+PyMODINIT_FUNC
+PyInit__hot(void)
+{
+    return PyModuleDef_Init(&hot_module);
+}

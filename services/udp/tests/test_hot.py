@@ -1,0 +1,249 @@
+"""``wirekit_udp._hot`` in whichever build runs (``make test-compiled`` runs udp's tests against
+the C build): its token bucket and per-source limiter against servicekit's, the model, in
+random sequences at random times (the same answers, the same state, bit for bit), and its
+checks of what it is given. The protocol's path is the other test files' work (test_defences'
+drops and scrapes at every step, the service over loopback)."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import math
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import CollectorRegistry
+
+from wirekit_servicekit import ratelimit
+from wirekit_udp import _hot, protocol
+from wirekit_udp.protocol import UdpContext, UdpEcho
+from wirekit_udp.settings import UdpSettings
+
+times = st.floats(min_value=-10.0, max_value=1e4, allow_nan=False) | st.sampled_from([0.0, 1.0])
+rates = st.sampled_from([0, 0.5, 1, 10.0, 1e9, math.inf]) | st.floats(0.0, 1e6)
+bursts = st.integers(0, 20) | st.sampled_from([1.5, 1e9])
+SOURCES: list[Any] = ["10.0.0.1", "10.0.0.2", "10.0.0.3", "::1", "2001:db8::/64", 7]
+sources = st.sampled_from(SOURCES)
+
+
+def outcome(call: Any) -> Any:
+    try:
+        return call()
+    except ZeroDivisionError:
+        return ZeroDivisionError
+
+
+def state(bucket: Any) -> tuple[Any, ...]:
+    return (bucket.rate, bucket.burst, bucket.tokens, bucket.stamp, bucket.limited)
+
+
+def assert_same(got: Any, want: Any) -> None:
+    """Equal (a number given as an int is kept as a float in C), NaN as NaN (a bucket of
+    infinite rate holds NaN tokens after a refill); a bool where the model has a bool."""
+    assert (type(got) is bool) == (type(want) is bool), (got, want)
+    if isinstance(want, float) and math.isnan(want):
+        assert isinstance(got, float), (got, want)
+        assert math.isnan(got), (got, want)
+    else:
+        assert got == want, (got, want)
+
+
+bucket_ops = st.lists(st.tuples(st.sampled_from(["take", "level", "ready", "wait_s"]), times),
+                      max_size=60)  # fmt: skip
+
+
+@settings(max_examples=300)
+@given(rates, bursts, times, bucket_ops)
+def test_a_token_bucket_is_servicekits(
+    rate: float, burst: float, start: float, ops: list[tuple[str, float]]
+) -> None:
+    got = _hot.TokenBucket(rate, burst, start)  # type: ignore[arg-type]
+    want = ratelimit.TokenBucket(rate, burst, start)  # type: ignore[arg-type]
+    for name, now in ops:
+        assert_same(outcome(lambda: getattr(got, name)(now)),  # noqa: B023 (called at once)
+                    outcome(lambda: getattr(want, name)(now)))  # noqa: B023  # fmt: skip
+        for g, w in zip(state(got), state(want), strict=True):
+            assert_same(g, w)
+
+
+def test_a_token_bucket_takes_keywords_and_its_state_can_be_set() -> None:
+    bucket = _hot.TokenBucket(rate=10, burst=5, now=0.0)
+    assert [bucket.take(now=0.0) for _ in range(6)] == [True] * 5 + [False]
+    bucket.tokens, bucket.stamp, bucket.limited = 2.0, 1.0, True
+    assert bucket.level(now=1.0) == 2.0
+    assert bucket.ready(now=1.0) is True
+    assert bucket.wait_s(now=1.0) == 0.0
+    assert bucket.limited is True
+
+
+limiter_ops = st.lists(
+    st.tuples(st.sampled_from(["allow", "allow", "allow", "ready", "wait_s"]), sources, times),
+    max_size=80,
+)  # fmt: skip
+
+
+@settings(max_examples=300)
+@given(rates, bursts, st.integers(1, 4), limiter_ops)
+def test_a_source_limiter_is_servicekits(
+    rate: float, burst: float, limit: int, ops: list[tuple[str, Any, float]]
+) -> None:
+    got = _hot.SourceLimiter(rate, burst, limit)  # type: ignore[arg-type]
+    want = ratelimit.SourceLimiter(rate, burst, limit)  # type: ignore[arg-type]
+    assert (got.rate, got.burst, got.limit) == (want.rate, want.burst, want.limit)
+    for name, source, now in ops:
+        assert_same(outcome(lambda: getattr(got, name)(source, now)),  # noqa: B023
+                    outcome(lambda: getattr(want, name)(source, now)))  # noqa: B023  # fmt: skip
+        assert len(got) == len(want)
+        assert got.limited == want.limited
+        # every source's bucket, as far as it shows: known or not, its level and its wait
+        for other in SOURCES:
+            assert_same(outcome(lambda: got.wait_s(other, now)),  # noqa: B023
+                         outcome(lambda: want.wait_s(other, now)))  # noqa: B023  # fmt: skip
+
+
+def test_a_source_limiter_forgets_the_least_recently_seen_first() -> None:
+    limiter = _hot.SourceLimiter(rate=1, burst=1, limit=2)
+    assert limiter.allow("a", now=0.0) is True
+    assert limiter.allow("b", now=0.0) is True
+    assert limiter.allow("a", now=0.0) is False  # a is the newest now
+    assert limiter.limited == 1
+    assert limiter.allow("c", now=0.0) is True  # b goes
+    assert len(limiter) == 2
+    assert limiter.ready("b", now=0.0) is True  # unknown: it has a token
+    assert limiter.wait_s("a", now=0.0) == 1.0  # still known, still empty
+    assert limiter.allow("d", now=0.0) is True  # a goes, and with it its limited state
+    assert limiter.limited == 0
+    assert limiter.wait_s("a", now=0.0) == 0.0
+
+
+def test_the_build_is_named() -> None:
+    expected = "compiled" if _hot.__file__.endswith(".so") else "pure"
+    assert expected == _hot.BUILD
+
+
+def test_the_context_makes_this_builds_classes() -> None:
+    ctx = UdpContext.build(UdpSettings(), CollectorRegistry(), TracerProvider().get_tracer("t"),
+                           clock=lambda: 0.0)  # fmt: skip
+    assert type(ctx.limiter) is _hot.SourceLimiter
+    assert type(ctx.global_bucket) is _hot.TokenBucket
+    assert type(ctx.metrics.received) is _hot.Cell
+    proto = UdpEcho(ctx)
+    assert (proto.max_size, proto.sends_empty, proto._ipv4) == (ctx.max_size, False, False)
+    assert proto._answers is ctx.loop.answers
+
+
+def test_the_c_core_refuses_a_context_without_its_buckets() -> None:
+    """The C build reads the buckets and cells through their C structures, so it checks their
+    types; the pure build takes any object with their interface."""
+    ctx = UdpContext.build(UdpSettings(), CollectorRegistry(), TracerProvider().get_tracer("t"),
+                           clock=lambda: 0.0)  # fmt: skip
+    ctx.limiter = ratelimit.SourceLimiter(1, 1, 10)
+    if _hot.BUILD == "compiled":
+        with pytest.raises(TypeError, match=r"limiter must be a wirekit_udp\._hot\.SourceLimiter"):
+            UdpEcho(ctx)
+    else:
+        assert UdpEcho(ctx).limiter is ctx.limiter
+
+
+def _pure_hot() -> ModuleType:
+    """``_hot.py`` itself, whichever build ``wirekit_udp._hot`` is: the reference."""
+    path = Path(protocol.__file__).with_name("_hot.py")
+    spec = importlib.util.spec_from_file_location("wirekit_udp._hot_reference", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+PURE = _pure_hot()
+
+
+def _reference_echo(ctx: UdpContext) -> Any:
+    """UdpEcho on _hot.py's Core, with servicekit's buckets."""
+
+    def init(self: Any, ctx: UdpContext) -> None:
+        PURE.Core.__init__(self, ctx)
+        self.stats, self.reporter, self.check_source = ctx.metrics, ctx.reporter, ctx.check_source
+
+    methods = {name: UdpEcho.__dict__[name] for name in
+               ("connection_made", "_send_empty", "_judge", "_drop", "error_received")}  # fmt: skip
+    bases = (PURE.Core, asyncio.DatagramProtocol)
+    cls = type("ReferenceEcho", bases, {"__init__": init, **methods})
+    return cls(ctx)
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, Any]] = []
+
+    def sendto(self, data: bytes, addr: Any) -> None:
+        self.sent.append((data, addr))
+
+    def get_extra_info(self, name: str) -> None:
+        return None
+
+
+ADDRESSES = [
+    ("127.0.0.1", 40000), ("10.0.0.2", 40001), ("10.0.0.3", 40001), ("224.0.0.1", 5000),
+    ("127.0.0.1", 19), ("127.0.0.1", 2049), ("2001:db8::1", 40000, 0, 0),
+    ("2001:db8::2", 40000, 0, 0), ("::ffff:10.0.0.2", 40001, 0, 0), ("ff02::1", 40000, 0, 0),
+]  # fmt: skip
+datagrams = st.lists(
+    st.tuples(st.sampled_from([b"", b"x", b"y", b"z" * 33]), st.sampled_from(ADDRESSES),
+              st.sampled_from([0.0, 0.0, 0.001, 0.01, 0.06, 1.0])),
+    max_size=60,
+)  # fmt: skip
+
+
+def _observed(proto: Any, transport: FakeTransport) -> tuple[Any, ...]:
+    stats, ctx = proto.stats, proto.ctx
+    bucket = ctx.global_bucket
+    return (
+        list(transport.sent), {reason: cell.n for reason, cell in stats.dropped.items()},
+        stats.received.n, stats.received_bytes.n, stats.dropped_bytes.n,
+        dict(ctx.loop.answers), ctx.loop.prune_at, len(ctx.limiter), ctx.limiter.limited,
+        float(bucket.tokens), float(bucket.stamp), set(proto._unicast),
+    )  # fmt: skip
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    datagrams, st.integers(1, 3), st.integers(1, 3), st.sampled_from([1.0, 100.0]),
+    st.integers(1, 5), st.booleans(), st.booleans(),
+)  # fmt: skip
+def test_the_path_is_the_references(
+    steps: list[tuple[bytes, Any, float]], burst: int, limit: int, rate: float,
+    burst_global: int, sends_empty: bool, ipv4: bool,
+) -> None:  # fmt: skip
+    """The endpoint's protocol in this build and in _hot.py, the same datagrams at the same
+    times: the same answers, drops, counters, loop table, buckets (every drop reason, full
+    tables, empty datagrams, IPv6 sources counted by /64)."""
+    now = [0.0]
+    echoes = []
+    for reference in (False, True):
+        settings_ = UdpSettings(
+            max_datagram_size=32, rate_per_source=rate, burst_per_source=burst,
+            limit_sources=limit, rate_global=10.0, burst_global=burst_global,
+        )  # fmt: skip
+        ctx = UdpContext.build(settings_, CollectorRegistry(), TracerProvider().get_tracer("t"),
+                               clock=lambda: now[0])  # fmt: skip
+        if reference:
+            ctx.limiter = ratelimit.SourceLimiter(rate, burst, limit)
+            ctx.global_bucket = ratelimit.TokenBucket(10.0, burst_global, 0.0)
+        proto: Any = _reference_echo(ctx) if reference else UdpEcho(ctx)
+        transport = FakeTransport()
+        proto.connection_made(transport)
+        proto.sends_empty, proto._ipv4 = sends_empty, ipv4
+        echoes.append((proto, transport))
+    for data, addr, step in steps:
+        now[0] += step
+        for proto, _ in echoes:
+            proto.datagram_received(data, addr)
+        (got, got_transport), (want, want_transport) = echoes
+        assert _observed(got, got_transport) == _observed(want, want_transport)
