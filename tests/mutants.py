@@ -323,7 +323,8 @@ def compile_extension(source: Path) -> str:
     paths, var = sysconfig.get_paths(), sysconfig.get_config_var
     out = source.with_name(source.stem + str(var("EXT_SUFFIX")))
     res = subprocess.run(
-        [os.environ.get("CC", "cc"), "-O2", "-shared", "-fPIC", "-Wall", f"-I{paths['include']}",
+        [os.environ.get("CC", "cc"), "-O2", "-fwrapv", "-ffp-contract=off", "-shared", "-fPIC",
+         "-Wall", f"-I{paths['include']}",
          str(source), "-o", str(out)],
         capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip

@@ -232,18 +232,19 @@ def test_nc_echoes_through_the_published_port(images: dict[str, str], start: Sta
 def test_the_images_run_the_compiled_build_where_a_compiler_made_it(
     images: dict[str, str], docker_client: docker.DockerClient, start: Start
 ) -> None:
-    """`make wheelhouse` compiles the per-message path (mypyc) where a C compiler is found and
+    """`make wheelhouse` compiles the per-message paths (mypyc, C) where a C compiler is found and
     the venv's Python is 3.11 (the images'), and builds pure-Python wheels otherwise: the images
     run what was built, and say so."""
     compiler = shutil.which(os.environ.get("CC", "cc"))
     expected = "compiled" if compiler and sys.version_info[:2] == (3, 11) else "pure"
-    command = ["-m", "wirekit_servicekit.accel", "--expect", expected, "wirekit_echo"]
+    command = ["-m", "wirekit_servicekit.accel", "--expect", expected,
+               "wirekit_echo", "wirekit_udp"]  # fmt: skip
     out = docker_client.containers.run(
         images["echo"], command, entrypoint="python3", remove=True, read_only=True,
         cap_drop=["ALL"], network_disabled=True,
     )  # fmt: skip
     lines = out.decode().splitlines()
-    assert [line.rsplit(" ", 1)[1] for line in lines] == [expected] * 2, lines
+    assert [line.rsplit(" ", 1)[1] for line in lines] == [expected] * 3, lines  # codec, echo, udp
     container = _started_echo(images, start)
     starting = [
         json.loads(line)

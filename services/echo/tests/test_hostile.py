@@ -108,6 +108,15 @@ async def test_a_whole_read_of_frames_is_bounded_like_any_other(start_echo: Star
         await h.wait_for(lambda: h.value("echo_connections_active", mode="framed") == 0)
         assert h.value("echo_errors_total", mode="framed", kind="frame_too_large") == 1
         assert h.value("echo_frames_total") == 4
+        # a header with its top bit set, alone in a read: a large size, never a negative one
+        reader, writer = await h.connect("framed")
+        writer.write(struct.pack("!I", 2**31))
+        await writer.drain()
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        await h.wait_for(lambda: h.value("echo_connections_active", mode="framed") == 0)
+        assert h.value("echo_errors_total", mode="framed", kind="frame_too_large") == 2
 
 
 @pytest.mark.parametrize("mode", MODES)

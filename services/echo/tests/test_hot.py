@@ -52,6 +52,14 @@ def test_the_build_is_named() -> None:
     assert expected == _hot.BUILD
 
 
+def test_a_core_never_initialised_refuses_reads() -> None:
+    """A subclass that skips Core.__init__ gets an error from a read, never a crash."""
+    core = _hot.Core.__new__(_hot.Core)
+    for read in (core.raw_data_received, core.framed_data_received):
+        with pytest.raises((RuntimeError, AttributeError)):
+            read(b"\x00\x00\x00\x01x")
+
+
 def test_the_c_core_refuses_a_context_without_its_counters() -> None:
     """The C build reads the counters through their C structures, so it checks their types;
     the pure build takes any object with their interface."""

@@ -121,6 +121,20 @@ def test_a_source_limiter_forgets_the_least_recently_seen_first() -> None:
     assert limiter.wait_s("a", now=0.0) == 0.0
 
 
+def test_a_source_limiter_made_again_starts_afresh() -> None:
+    """__init__ run twice (the C build drops its list of buckets with the old table)."""
+    limiter = _hot.SourceLimiter(rate=1, burst=1, limit=2)
+    for source in "abc":
+        limiter.allow(source, now=0.0)
+    limiter.allow("c", now=0.0)
+    limiter.__init__(1, 1, 2)  # type: ignore[misc]
+    assert (len(limiter), limiter.limited) == (0, 0)
+    # z evicts x, then x evicts y: through the new list only
+    assert [limiter.allow(source, now=0.0) for source in "xyzx"] == [True] * 4
+    assert len(limiter) == 2
+    assert (limiter.wait_s("z", now=0.0), limiter.wait_s("y", now=0.0)) == (1.0, 0.0)
+
+
 def test_the_build_is_named() -> None:
     expected = "compiled" if _hot.__file__.endswith(".so") else "pure"
     assert expected == _hot.BUILD

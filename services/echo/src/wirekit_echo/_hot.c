@@ -15,17 +15,23 @@
 #include <Python.h>
 #include <structmember.h>
 #include <stdint.h>
+#include <string.h>
 #include <time.h>
 
 static PyObject *str_write, *str_late_input, *str_finish_if_answered, *str_relayed;
 
-/* perf_counter(): CPython 3.11+ reads CLOCK_MONOTONIC on Linux; the Python code compares
- * frame_started with its own perf_counter() values, so this must be the same clock. */
+/* perf_counter(): the Python code compares frame_started with its own perf_counter() values,
+ * so this must be the same clock: CLOCK_MONOTONIC on Linux (CPython 3.11+), the clock of
+ * mach_absolute_time() on macOS. */
 static inline double
 now(void)
 {
     struct timespec ts;
+#if defined(__APPLE__)
+    clock_gettime(CLOCK_UPTIME_RAW, &ts);
+#else
     clock_gettime(CLOCK_MONOTONIC, &ts);
+#endif
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
@@ -161,20 +167,31 @@ Buckets_cumulative(BucketsObject *self, PyObject *Py_UNUSED(ignored))
         PyErr_SetString(PyExc_RuntimeError, "Buckets is not initialised");
         return NULL;
     }
+    /* A copy first, as the pure build takes one: building the answer allocates, and an
+     * allocation may run a collection (finalizers, other threads) in between. */
+    unsigned long long *counts = PyMem_Malloc((self->size + 1) * sizeof(unsigned long long));
+    if (counts == NULL)
+        return PyErr_NoMemory();
+    memcpy(counts, self->counts, (self->size + 1) * sizeof(unsigned long long));
+    double sum = self->sum;
     PyObject *out = PyList_New(self->size + 1);
-    if (out == NULL)
+    if (out == NULL) {
+        PyMem_Free(counts);
         return NULL;
+    }
     unsigned long long running = 0;
     for (Py_ssize_t i = 0; i <= self->size; i++) {
-        running += self->counts[i];
+        running += counts[i];
         PyObject *pair = Py_BuildValue("(Od)", PyList_GET_ITEM(self->labels, i), (double)running);
         if (pair == NULL) {
+            PyMem_Free(counts);
             Py_DECREF(out);
             return NULL;
         }
         PyList_SET_ITEM(out, i, pair);
     }
-    return Py_BuildValue("(Nd)", out, self->sum);
+    PyMem_Free(counts);
+    return Py_BuildValue("(Nd)", out, sum);
 }
 
 static PyObject *
@@ -397,16 +414,37 @@ late_input(CoreObject *self, Py_ssize_t n)
 static PyObject *
 transport_write(CoreObject *self, PyObject *data)
 {
-    PyObject *result = call_method(self->transport, str_write, data);
+    PyObject *transport = self->transport;
+    if (transport == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "transport");
+        return NULL;
+    }
+    Py_INCREF(transport); /* held for the call: the call may replace self->transport */
+    PyObject *result = call_method(transport, str_write, data);
+    Py_DECREF(transport);
     if (result == NULL)
         return NULL;
     Py_DECREF(result);
     return Py_None; /* borrowed: only compared with NULL */
 }
 
+/* Core.__init__ has run (a subclass that skips it gets an error, not a crash). */
+static inline int
+ready(CoreObject *self)
+{
+    if (self->received == NULL || self->sent == NULL || self->frames == NULL
+        || self->handling == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Core.__init__ has not run");
+        return -1;
+    }
+    return 0;
+}
+
 static PyObject *
 Core_raw_data_received(CoreObject *self, PyObject *data)
 {
+    if (ready(self) < 0)
+        return NULL;
     Py_ssize_t n = PyObject_Length(data);
     if (n < 0)
         return NULL;
@@ -424,22 +462,27 @@ Core_raw_data_received(CoreObject *self, PyObject *data)
 static inline Py_ssize_t
 whole_frames(const unsigned char *p, Py_ssize_t len, Py_ssize_t max)
 {
-    Py_ssize_t pos = 0, count = 0;
-    while (len - pos >= 4) {
-        Py_ssize_t size = ((Py_ssize_t)p[pos] << 24) | ((Py_ssize_t)p[pos + 1] << 16)
-                          | ((Py_ssize_t)p[pos + 2] << 8) | (Py_ssize_t)p[pos + 3];
-        if (size > max || size > len - pos - 4)
+    /* unsigned and 64-bit whatever Py_ssize_t is: a header of 0x80000000 is a large size,
+     * never a negative one */
+    uint64_t pos = 0, end = (uint64_t)len, limit = max < 0 ? 0 : (uint64_t)max;
+    Py_ssize_t count = 0;
+    while (end - pos >= 4) {
+        uint64_t size = ((uint64_t)p[pos] << 24) | ((uint64_t)p[pos + 1] << 16)
+                        | ((uint64_t)p[pos + 2] << 8) | (uint64_t)p[pos + 3];
+        if (size > limit || size > end - pos - 4)
             return 0;
         pos += 4 + size;
         count++;
     }
-    return pos == len ? count : 0;
+    return pos == end ? count : 0;
 }
 
 static PyObject *
 Core_framed_data_received(CoreObject *self, PyObject *data)
 {
     double start = now();
+    if (ready(self) < 0)
+        return NULL;
     Py_ssize_t n = PyObject_Length(data);
     if (n < 0)
         return NULL;

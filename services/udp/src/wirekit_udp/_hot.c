@@ -291,8 +291,8 @@ Limiter_init(LimiterObject *self, PyObject *args, PyObject *kwds)
     PyObject *table = PyDict_New();
     if (table == NULL)
         return -1;
+    self->oldest = self->newest = NULL; /* before the old table (and its buckets) goes */
     Py_XSETREF(self->table, table);
-    self->oldest = self->newest = NULL;
     self->rate = r;
     self->burst = b;
     self->limit = limit;
@@ -355,14 +355,36 @@ limiter_allow(LimiterObject *self, PyObject *source, double now)
                 PyErr_SetString(PyExc_RuntimeError, "SourceLimiter's table was cleared");
                 return -1;
             }
+            /* held while the table lets go of it: unlinked only once it is out of the table
+             * (a failed delete leaves both as they were) */
+            Py_INCREF(evicted);
+            if (PyDict_DelItem(table, evicted->key) < 0) {
+                Py_DECREF(evicted);
+                return -1;
+            }
             list_unlink(self, evicted);
             self->limited -= evicted->limited;
-            if (PyDict_DelItem(table, evicted->key) < 0)
-                return -1;
+            Py_DECREF(evicted);
         }
         bucket = PyObject_GC_New(BucketObject, &BucketType);
         if (bucket == NULL)
             return -1;
+        /* The allocation may have run a collection, and a finalizer this limiter: the source
+         * may have a bucket now. Then that one is used (never replaced while linked). */
+        BucketObject *found = (BucketObject *)PyDict_GetItemWithError(table, source);
+        if (found != NULL || PyErr_Occurred()) {
+            bucket->key = NULL;
+            bucket->prev = bucket->next = NULL;
+            Py_DECREF(bucket); /* untracked, key NULL: the dealloc is safe */
+            if (found == NULL)
+                return -1;
+            bucket = found;
+            if (bucket != self->newest) {
+                list_unlink(self, bucket);
+                list_append(self, bucket);
+            }
+            goto take;
+        }
         bucket_set(bucket, self->rate, self->burst, now);
         Py_INCREF(source);
         bucket->key = source;
@@ -377,6 +399,7 @@ limiter_allow(LimiterObject *self, PyObject *source, double now)
         list_unlink(self, bucket);
         list_append(self, bucket);
     }
+take:
     /* bucket.take(now), and the limited bookkeeping */
     double tokens = bucket->tokens + (now - bucket->stamp) * bucket->rate;
     if (tokens > bucket->burst)
@@ -674,6 +697,7 @@ Core_datagram_received(CoreObject *self, PyObject *const *args, Py_ssize_t nargs
     }
     PyObject *data = args[0], *addr = args[1];
     PyObject *port = NULL, *host = NULL, *now = NULL, *key = NULL, *pair = NULL;
+    PyObject *answers = NULL, *sendto = NULL; /* held: Python code runs while they are used */
     PyObject *result = NULL;
     if (self->ctx == NULL) { /* set last by __init__ */
         PyErr_SetString(PyExc_RuntimeError, "Core is not initialised");
@@ -751,7 +775,7 @@ Core_datagram_received(CoreObject *self, PyObject *const *args, Py_ssize_t nargs
     Py_hash_t hash = PyObject_Hash(pair);
     if (hash == -1 || (key = PyLong_FromSsize_t(hash)) == NULL)
         goto done;
-    PyObject *answers = self->answers;
+    answers = Py_NewRef(self->answers);
     PyObject *when = PyDict_GetItemWithError(answers, key); /* borrowed */
     if (when == NULL && PyErr_Occurred())
         goto done;
@@ -799,8 +823,9 @@ Core_datagram_received(CoreObject *self, PyObject *const *args, Py_ssize_t nargs
             PyErr_SetString(PyExc_RuntimeError, "datagram_received before connection_made");
             goto done;
         }
+        sendto = Py_NewRef(self->sendto);
         PyObject *send_args[2] = {data, addr};
-        sent = PyObject_Vectorcall(self->sendto, send_args, 2, NULL);
+        sent = PyObject_Vectorcall(sendto, send_args, 2, NULL);
     } else {
         sent = call_method((PyObject *)self, str_send_empty, addr, NULL, NULL);
     }
@@ -826,6 +851,8 @@ done:
     Py_XDECREF(now);
     Py_XDECREF(pair);
     Py_XDECREF(key);
+    Py_XDECREF(answers);
+    Py_XDECREF(sendto);
     return result;
 }
 
