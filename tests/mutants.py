@@ -153,7 +153,7 @@ MUTANTS = [
            "            pass", "services/echo/tests/test_echo.py"),
     # echo's C build (_hot.c, compiled in the copy): the same tests must see its mistakes
     Mutant("echo C: a whole read of frames not bounded", EC + "_hot.c",
-           "        if (size > max || size > len - pos - 4)", "        if (size > len - pos - 4)",
+           "        if (size > limit || size > end - pos - 4)", "        if (size > end - pos - 4)",
            "services/echo/tests/test_hostile.py -k whole_read"),
     Mutant("echo C: frames of a whole read not counted", EC + "_hot.c",
            "        self->frames->n += count;", "", "services/echo/tests/test_echo.py"),
