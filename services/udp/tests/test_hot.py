@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -138,6 +141,9 @@ def test_a_source_limiter_made_again_starts_afresh() -> None:
 def test_the_build_is_named() -> None:
     expected = "compiled" if _hot.__file__.endswith(".so") else "pure"
     assert expected == _hot.BUILD
+    # the C build's NH needs 128-bit integers, which 64-bit GCC and Clang have; else Python's hash
+    nh = _hot.BUILD == "compiled" and sys.maxsize > 2**32
+    assert ("nh" if nh else "hash") == _hot.LOOP_KEY
 
 
 def test_the_context_makes_this_builds_classes() -> None:
@@ -215,13 +221,67 @@ datagrams = st.lists(
 )  # fmt: skip
 
 
-def _observed(proto: Any, transport: FakeTransport) -> tuple[Any, ...]:
+A = ("127.0.0.1", 40000)
+
+
+def test_a_loop_key_is_the_same_for_the_same_bytes_to_the_same_address() -> None:
+    for n in (0, 1, 15, 16, 17, 1023, 1024, 1025, 2048, 2049, 65507):
+        data = bytes(range(256)) * (n // 256) + bytes(n % 256)
+        assert _hot.loop_key(data, A) == _hot.loop_key(bytes(bytearray(data)), (A[0], A[1]))
+        assert type(_hot.loop_key(data, A)) is int
+
+
+def test_loop_keys_tell_apart_lengths_single_bytes_and_addresses() -> None:
+    """Every length of zeros (the C build pads its last 16 bytes with zeros: the length tells
+    them apart), every one-byte change of a payload across three of the C build's 1 KiB blocks,
+    the same bytes to another address or port: all different keys."""
+    zeros = {_hot.loop_key(bytes(n), A) for n in range(2100)}
+    assert len(zeros) == 2100
+    base = bytes((i * 7 + 3) % 256 for i in range(2100))
+    keys = {_hot.loop_key(base, A)}
+    for at in range(len(base)):
+        keys.add(_hot.loop_key(base[:at] + bytes([base[at] ^ 0x80]) + base[at + 1 :], A))
+    keys |= {_hot.loop_key(base, addr) for addr in ADDRESSES[1:]}
+    keys.add(_hot.loop_key(base, (A[0], A[1] + 1)))
+    assert len(keys) == 1 + len(base) + len(ADDRESSES) - 1 + 1
+    assert len(zeros | keys) == len(zeros) + len(keys)
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=2100), st.binary(max_size=2100), st.sampled_from(ADDRESSES))
+def test_different_payloads_have_different_loop_keys(a: bytes, b: bytes, addr: Any) -> None:
+    assert (_hot.loop_key(a, addr) == _hot.loop_key(b, addr)) == (a == b)
+
+
+def test_a_payload_that_is_not_bytes_is_keyed_or_refused_as_the_pure_build_does() -> None:
+    with pytest.raises(TypeError, match="unhashable"):
+        _hot.loop_key(bytearray(b"x"), A)  # type: ignore[arg-type]
+    for data in ("text", memoryview(b"x")):  # hashable: the pure build's key
+        assert _hot.loop_key(data, A) == hash((A, data))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="unhashable"):
+        _hot.loop_key(b"x", ["127.0.0.1", 1])  # type: ignore[arg-type]
+
+
+def test_the_c_builds_loop_keys_are_drawn_afresh_in_each_process() -> None:
+    """Under the same PYTHONHASHSEED the pure build's keys are the same in two processes; the
+    C build's NH and SipHash keys come from os.urandom, so its keys differ (where it has NH:
+    without 128-bit integers it falls back to the pure build's hash)."""
+    code = "from wirekit_udp import _hot; print(_hot.loop_key(bytes(100), ('127.0.0.1', 4)))"
+    env = dict(os.environ, PYTHONHASHSEED="0")
+    keys = {subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                           text=True, check=True, timeout=60).stdout for _ in range(2)}  # fmt: skip
+    assert len(keys) == (2 if _hot.LOOP_KEY == "nh" else 1)
+
+
+def _observed(proto: Any, transport: FakeTransport, names: dict[int, Any]) -> tuple[Any, ...]:
+    """What the endpoint did and holds; its loop table by the (data, addr) each key names."""
     stats, ctx = proto.stats, proto.ctx
     bucket = ctx.global_bucket
     return (
         list(transport.sent), {reason: cell.n for reason, cell in stats.dropped.items()},
         stats.received.n, stats.received_bytes.n, stats.dropped_bytes.n,
-        dict(ctx.loop.answers), ctx.loop.prune_at, len(ctx.limiter), ctx.limiter.limited,
+        {names[key]: when for key, when in ctx.loop.answers.items()}, ctx.loop.prune_at,
+        len(ctx.limiter), ctx.limiter.limited,
         float(bucket.tokens), float(bucket.stamp), set(proto._unicast),
     )  # fmt: skip
 
@@ -255,9 +315,15 @@ def test_the_path_is_the_references(
         proto.connection_made(transport)
         proto.sends_empty, proto._ipv4 = sends_empty, ipv4
         echoes.append((proto, transport))
+    # each build's loop keys (the C build's are its own keyed hash), by what they name
+    got_names = {_hot.loop_key(data, addr): (data, addr) for data, addr, _ in steps}
+    want_names = {hash((addr, data)): (data, addr) for data, addr, _ in steps}
+    assert len(got_names) == len(want_names) == len({(data, addr) for data, addr, _ in steps})
     for data, addr, step in steps:
         now[0] += step
         for proto, _ in echoes:
             proto.datagram_received(data, addr)
         (got, got_transport), (want, want_transport) = echoes
-        assert _observed(got, got_transport) == _observed(want, want_transport)
+        assert _observed(got, got_transport, got_names) == _observed(
+            want, want_transport, want_names
+        )

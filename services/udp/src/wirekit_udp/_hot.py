@@ -29,10 +29,17 @@ if TYPE_CHECKING:
 __all__ = ["Cell", "Core", "SourceLimiter", "TokenBucket"]
 
 BUILD = "pure"
+LOOP_KEY = "hash"  # loop_key's function: Python's hash; the C build's is "nh" (see _hot.c)
 
 
 def _not_connected(data: bytes, addr: tuple[Any, ...]) -> None:
     raise RuntimeError("datagram_received before connection_made")
+
+
+def loop_key(data: bytes, addr: tuple[Any, ...]) -> int:
+    """The loop guard's key of an answer of ``data`` to ``addr``: ``LoopGuard.key``,
+    ``hash((addr, data))``. The C build's is another keyed hash of the same (see _hot.c)."""
+    return hash((addr, data))
 
 
 class Core:

@@ -61,9 +61,11 @@ class LoopGuard:
     them; no datagram is kept. An answer older than ``window_s`` no longer counts; the table
     is pruned of those when it is full (at most once a window: a table full of answers all
     younger than a window stays full, and answers beyond it are not remembered until then --
-    the per-source and global rate limits bound how fast that can be). The hash is Python's
-    (SipHash, seeded per process: a sender cannot aim collisions at it; a collision within
-    one window would only drop one datagram).
+    the per-source and global rate limits bound how fast that can be). The hash is keyed per
+    process, so a sender cannot aim collisions at it (a collision within one window would
+    only drop one datagram): Python's own (SipHash) in the pure build; in the C build the
+    payload is first compressed by NH, UMAC's universal hash, under a key drawn at start-up,
+    then SipHash'd with the address and length (``_hot.c``; ~5x fewer instructions at 1 KiB).
 
     The protocol runs these steps inline (``answers``, ``window_s``, ``limit``): on its
     per-datagram path a method call costs as much as the check itself.
