@@ -278,6 +278,11 @@ MUTANTS = [
     Mutant("udp C: the loop key's secret fixed", UD + "_hot.c",
            "    memcpy(nh_key, r, sizeof nh_key);\n    sip_k0 = load64(r + sizeof nh_key);\n"
            "    sip_k1 = load64(r + sizeof nh_key + 8);", "    (void)r;", UDP_T + "/test_hot.py -k afresh"),
+    Mutant("udp C: the loop key drawn again when the module is set up again", UD + "_hot.c",
+           "    if (drawn)\n        return 0;\n", "", UDP_T + "/test_hot.py -k loaded_again"),
+    Mutant("udp C: a bytes subclass keyed as Python hashes it", UD + "_hot.c",
+           "    if (PyBytes_Check(data)) {", "    if (PyBytes_CheckExact(data)) {",
+           UDP_T + "/test_hot.py -k subclass"),
     Mutant("udp: broadcast sources answered", UD + "defences.py",
            "    return addr.is_multicast or addr.is_unspecified", "    return False", UDP_T),
     Mutant("udp: kernel drops not found", UD + "kernel.py",

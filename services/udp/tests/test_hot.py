@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from wirekit_servicekit import ratelimit
 from wirekit_udp import _hot, protocol
+from wirekit_udp.defences import LoopGuard
 from wirekit_udp.protocol import UdpContext, UdpEcho
 from wirekit_udp.settings import UdpSettings
 
@@ -251,6 +252,29 @@ def test_loop_keys_tell_apart_lengths_single_bytes_and_addresses() -> None:
 @given(st.binary(max_size=2100), st.binary(max_size=2100), st.sampled_from(ADDRESSES))
 def test_different_payloads_have_different_loop_keys(a: bytes, b: bytes, addr: Any) -> None:
     assert (_hot.loop_key(a, addr) == _hot.loop_key(b, addr)) == (a == b)
+
+
+def test_the_loop_guards_key_is_the_builds_and_bytes_of_a_subclass_are_bytes() -> None:
+    class Payload(bytes):
+        pass
+
+    for data in (b"", b"x", bytes(range(256)) * 5):
+        assert LoopGuard.key(data, A) == _hot.loop_key(data, A)
+        assert _hot.loop_key(Payload(data), A) == _hot.loop_key(data, A)
+
+
+def test_a_module_loaded_again_keeps_the_processs_loop_keys() -> None:
+    """Tables keyed so far stay valid when the module is set up again (here: imported again
+    after leaving sys.modules, as a subinterpreter would)."""
+    code = (
+        "import importlib, sys; from wirekit_udp import _hot; "
+        "a = _hot.loop_key(bytes(100), ('h', 4)); del sys.modules['wirekit_udp._hot']; "
+        "again = importlib.import_module('wirekit_udp._hot'); assert again is not _hot; "
+        "print(a == again.loop_key(bytes(100), ('h', 4)))"
+    )
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60).stdout  # fmt: skip
+    assert got.strip() == "True"
 
 
 def test_a_payload_that_is_not_bytes_is_keyed_or_refused_as_the_pure_build_does() -> None:

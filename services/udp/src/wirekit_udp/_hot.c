@@ -529,8 +529,9 @@ static PyTypeObject LimiterType = {
  * cannot aim collisions. The key is then SipHash-1-3, under a 128-bit key also drawn when the
  * module loads, of the words [hash(addr), len(data), each block's sum (two words)]: the length
  * tells apart payloads that differ only by trailing zeros, and hash(addr) is the pure build's
- * (Python's own seeded hash). Two different (addr, data) share a key with a chance of ~2^-64,
- * as in the pure build; a collision would drop one datagram (see LoopGuard). */
+ * (Python's own seeded hash). Two different (addr, data) share a key with a chance of about
+ * 2^-63 (NH's 2^-64, then SipHash's 64 bits), as in the pure build ~2^-64; a collision would
+ * drop one datagram (see LoopGuard). */
 
 #if defined(__SIZEOF_INT128__)
 #define NH_BLOCK 1024 /* bytes of payload per sum; the key K is as long */
@@ -605,6 +606,10 @@ loop_key_of(uint64_t addr_hash, const unsigned char *p, Py_ssize_t n)
 static int
 loop_key_init(void)
 {
+    static int drawn; /* once per process: a module set up again (a subinterpreter, an import
+                       * after del sys.modules[...]) must not orphan the tables keyed so far */
+    if (drawn)
+        return 0;
     PyObject *os = PyImport_ImportModule("os");
     if (os == NULL)
         return -1;
@@ -622,6 +627,7 @@ loop_key_init(void)
     sip_k0 = load64(r + sizeof nh_key);
     sip_k1 = load64(r + sizeof nh_key + 8);
     Py_DECREF(bytes);
+    drawn = 1;
     return 0;
 }
 #else
@@ -633,14 +639,14 @@ loop_key_init(void)
 #endif
 
 /* The loop guard's key of an answer of data to addr: a new reference to an int. Where the
- * compiler has no 128-bit integers, or data is not bytes, it is the pure build's
- * hash((addr, data)). */
+ * compiler has no 128-bit integers, or data is not bytes (or a subclass of bytes), it is the
+ * pure build's hash((addr, data)); transports hand over bytes. */
 static PyObject *
 loop_key(PyObject *data, PyObject *addr)
 {
     Py_hash_t hash;
 #if defined(__SIZEOF_INT128__)
-    if (PyBytes_CheckExact(data)) {
+    if (PyBytes_Check(data)) {
         Py_hash_t addr_hash = PyObject_Hash(addr);
         if (addr_hash == -1)
             return NULL;

@@ -37,8 +37,9 @@ def _not_connected(data: bytes, addr: tuple[Any, ...]) -> None:
 
 
 def loop_key(data: bytes, addr: tuple[Any, ...]) -> int:
-    """The loop guard's key of an answer of ``data`` to ``addr``: ``LoopGuard.key``,
-    ``hash((addr, data))``. The C build's is another keyed hash of the same (see _hot.c)."""
+    """The loop guard's key of an answer of ``data`` to ``addr`` (``LoopGuard.key`` is this):
+    ``hash((addr, data))``, which ``Core`` inlines. The C build's is another keyed hash of the
+    same (see _hot.c)."""
     return hash((addr, data))
 
 
