@@ -9,6 +9,7 @@ import contextlib
 import os
 import signal
 import socket
+import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -130,6 +131,45 @@ async def test_kill_before_ready(slot: WorkerProcess) -> None:
 async def test_a_worker_that_cannot_bind_is_not_ready(slot: WorkerProcess, busy_port: int) -> None:
     await slot.spawn(echo_settings().model_copy(update={"raw_port": busy_port}), {})
     assert await slot.ready(DEADLINE_S) is None
+    assert await asyncio.wait_for(slot.reap(), DEADLINE_S) == 1
+
+
+@pytest.fixture
+async def reaped_by_the_loop() -> AsyncIterator[None]:
+    """Children reaped in the event loop itself (a pidfd watcher, as cmdexec runs), not by a
+    thread: while the test holds the loop, a worker that exited stays a zombie, unreaped."""
+    before = asyncio.get_child_watcher()
+    watcher = asyncio.PidfdChildWatcher()
+    watcher.attach_loop(asyncio.get_running_loop())
+    asyncio.set_child_watcher(watcher)
+    try:
+        yield
+    finally:
+        asyncio.set_child_watcher(before)
+        watcher.close()
+
+
+def wait_for_zombie(pid: int) -> None:
+    """Block (the loop too) until ``pid`` has exited and waits to be reaped."""
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            if f.read().rpartition(b")")[2].split()[0] == b"Z":
+                return
+        assert time.monotonic() < deadline, f"{pid} did not exit"
+        time.sleep(0.01)
+
+
+async def test_a_signal_to_a_worker_that_just_exited_keeps_its_status(
+    reaped_by_the_loop: None, slot: WorkerProcess, busy_port: int
+) -> None:
+    """The worker exited (status 1) and asyncio has not reaped it yet: signalling it must not
+    reap it either (``Popen.send_signal`` does, and asyncio then reports 255)."""
+    await slot.spawn(echo_settings().model_copy(update={"raw_port": busy_port}), {})
+    assert slot.proc is not None
+    wait_for_zombie(slot.proc.pid)
+    slot.signal(signal.SIGTERM)
+    slot.kill()
     assert await asyncio.wait_for(slot.reap(), DEADLINE_S) == 1
 
 

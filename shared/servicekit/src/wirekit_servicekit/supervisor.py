@@ -84,6 +84,17 @@ class Ready:
     gauges: dict[str, str]  # gauge family -> combining mode
 
 
+def _open_pidfd(pid: int) -> int | None:
+    """A pidfd for the worker just spawned (Linux 5.3+); None where there is none, or if the
+    worker has already been reaped (it exited at once: kill(2) then finds no such process)."""
+    if not hasattr(os, "pidfd_open"):
+        return None
+    try:
+        return os.pidfd_open(pid)
+    except OSError:
+        return None
+
+
 class WorkerProcess:
     """One worker slot: the process in it now, started, signalled, reaped."""
 
@@ -96,6 +107,7 @@ class WorkerProcess:
         self.started = 0.0
         self.returncode: int | None = None
         self._ready_r: int | None = None
+        self._pidfd: int | None = None
 
     @property
     def alive(self) -> bool:
@@ -122,6 +134,8 @@ class WorkerProcess:
         finally:
             os.close(settings_r)
             os.close(ready_w)
+        self._close_pidfd()
+        self._pidfd = _open_pidfd(self.proc.pid)
         self._ready_r = ready_r
         with os.fdopen(settings_w, "wb") as f:
             worker = Worker(self.index, self.count, dict(ports))
@@ -150,10 +164,18 @@ class WorkerProcess:
         return Ready(dict(report["ports"]), dict(report["gauges"]))
 
     def signal(self, signum: int) -> None:
+        """Sent through the worker's pidfd (kill(2) where there is none), never through
+        ``Process.send_signal``: before Python 3.13 that polls the child, i.e. calls waitpid,
+        and a worker that had just exited was reaped there -- its status lost to asyncio's own
+        watcher, which then reports 255 (cpython#87744). A pidfd names this one process: a
+        signal cannot reach another given the pid after it was reaped (cpython#127049)."""
         if self.alive:
             assert self.proc is not None
             with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signum)
+                if self._pidfd is not None:
+                    signal.pidfd_send_signal(self._pidfd, signum)
+                else:
+                    os.kill(self.proc.pid, signum)
 
     def kill(self) -> None:
         self.signal(signal.SIGKILL)
@@ -162,7 +184,13 @@ class WorkerProcess:
         """Wait for the worker to exit; its status (None: the slot never had one)."""
         if self.proc is not None:
             self.returncode = await self.proc.wait()
+            self._close_pidfd()
         return self.returncode
+
+    def _close_pidfd(self) -> None:
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
 
     @property
     def lived_s(self) -> float:
