@@ -10,8 +10,10 @@ import asyncio
 import importlib.util
 import math
 import os
+import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -169,6 +171,121 @@ def test_the_c_core_refuses_a_context_without_its_buckets() -> None:
             UdpEcho(ctx)
     else:
         assert UdpEcho(ctx).limiter is ctx.limiter
+
+
+def test_the_c_core_refuses_a_loop_table_that_is_not_its_own() -> None:
+    ctx = UdpContext.build(UdpSettings(), CollectorRegistry(), TracerProvider().get_tracer("t"),
+                           clock=lambda: 0.0)  # fmt: skip
+    assert type(ctx.loop.answers) is _hot.LoopTable
+    ctx.loop.answers = {}
+    if _hot.BUILD == "compiled":
+        with pytest.raises(TypeError, match=r"answers must be a wirekit_udp\._hot\.LoopTable"):
+            UdpEcho(ctx)
+    else:
+        assert UdpEcho(ctx)._answers is ctx.loop.answers
+
+
+# Keys that share home slots (small ints, in a table of 8 to 64 slots) and keys anywhere.
+table_keys = st.integers(0, 40) | st.integers(-(2**63), 2**63 - 1).filter(lambda k: k != -1)
+table_ops = st.lists(
+    st.tuples(st.sampled_from(["set", "set", "del", "get", "in", "item"]), table_keys,
+              st.floats(-1e9, 1e9) | st.integers(-5, 5)),
+    max_size=300,
+)  # fmt: skip
+
+
+def assert_table_is(table: Any, model: dict[int, float]) -> None:
+    assert len(table) == len(model)
+    assert sorted(table.items()) == sorted(model.items())
+    for key, when in model.items():
+        assert key in table
+        assert table[key] == when
+        assert table.get(key) == when
+
+
+@settings(max_examples=300)
+@given(table_ops)
+def test_the_loop_table_is_a_dict_of_keys_and_times(ops: list[tuple[str, int, float]]) -> None:
+    """Set, delete, look up: a dict's answers after every step (the C table's probing, growth
+    and deletion by backward shift, with keys that collide)."""
+    table, model = _hot.LoopTable(), {}
+    for op, key, when in ops:
+        if op == "set":
+            table[key] = when
+            model[key] = when
+        elif op == "del":
+            if key in model:
+                del table[key], model[key]
+            else:
+                with pytest.raises(KeyError):
+                    del table[key]
+        elif op == "get":
+            assert table.get(key) == model.get(key)
+            assert table.get(key, "none") == model.get(key, "none")
+        elif op == "in":
+            assert (key in table) == (key in model)
+        elif key in model:
+            assert table[key] == model[key]
+        else:
+            with pytest.raises(KeyError):
+                table[key]  # the look-up is the test
+        assert_table_is(table, model)
+    table.clear()
+    assert_table_is(table, {})
+
+
+def test_the_loop_table_grows_and_shrinks_by_thousands() -> None:
+    """20,000 keys in (the table grows eleven times), then deleted in random order to half,
+    looked up throughout: a dict's answers."""
+    rng = random.Random(24)
+    table, model = _hot.LoopTable(), {}
+    keys = [rng.randrange(-(2**63), 2**63) for _ in range(20_000)]
+    keys = [key for key in keys if key != -1]
+    for i, key in enumerate(keys):
+        table[key] = model[key] = float(i)
+    assert_table_is(table, model)
+    rng.shuffle(keys)
+    for key in keys[: len(keys) // 2]:
+        del table[key], model[key]
+    assert_table_is(table, model)
+    assert all(key not in table for key in keys[: len(keys) // 2])
+
+
+def test_the_loop_table_takes_only_loop_keys_and_times() -> None:
+    if _hot.BUILD != "compiled":
+        assert _hot.LoopTable is dict  # the pure build's, which takes anything
+        return
+    table: Any = _hot.LoopTable()
+    with pytest.raises(TypeError, match="loop keys are ints, not str"):
+        table["1"] = 1.0
+    with pytest.raises(TypeError):
+        table[1] = "1.0"
+    for key in (-1, 2**63, -(2**63) - 1):  # -1 marks a free slot; no hash() is -1
+        with pytest.raises(ValueError, match="is not a loop key"):
+            table[key] = 1.0
+        assert key not in table
+        assert table.get(key) is None
+    with pytest.raises(TypeError):
+        _hot.LoopTable(8)  # type: ignore[call-overload]
+    assert len(table) == 0
+
+
+def test_answers_are_stamped_by_the_monotonic_clock_when_it_is_the_clock() -> None:
+    """The service's clock is time.monotonic, which the C build reads itself: the same clock,
+    so an answer's time lies between two readings of it around the datagram."""
+    ctx = UdpContext.build(UdpSettings(), CollectorRegistry(), TracerProvider().get_tracer("t"),
+                           clock=time.monotonic)  # fmt: skip
+    proto = UdpEcho(ctx)
+    transport = FakeTransport()
+    proto.connection_made(transport)  # type: ignore[arg-type]
+    before = time.monotonic()
+    proto.datagram_received(b"x", A)
+    after = time.monotonic()
+    [(key, when)] = ctx.loop.answers.items()
+    assert (key, before <= when <= after) == (_hot.loop_key(b"x", A), True), (before, when, after)
+    proto.datagram_received(b"x", A)  # our answer coming back, within the window: dropped
+    assert transport.sent == [(b"x", A)]
+    assert ctx.metrics.dropped["loop"].n == 1
 
 
 def _pure_hot() -> ModuleType:

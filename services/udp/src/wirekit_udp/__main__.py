@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from wirekit_servicekit import Background, DatagramListener, Part, Runtime, Service
 
@@ -15,17 +16,16 @@ from .settings import UdpSettings
 def build(runtime: Runtime[UdpSettings]) -> list[Part]:
     """The datagram endpoint, and the task that reports drops once per interval."""
     settings = runtime.settings
-    loop = asyncio.get_running_loop()
-    ctx = UdpContext.build(settings, runtime.registry, runtime.tracer, loop.time)
+    ctx = UdpContext.build(settings, runtime.registry, runtime.tracer, time.monotonic)
 
     async def flush_reports() -> None:
         """Drops not reported yet, every interval, and once more at shutdown."""
         try:
             while True:
                 await asyncio.sleep(settings.report_interval_s)
-                ctx.reporter.flush_all(loop.time())
+                ctx.reporter.flush_all(ctx.clock())
         finally:
-            ctx.reporter.flush_all(loop.time())
+            ctx.reporter.flush_all(ctx.clock())
 
     return [
         DatagramListener(

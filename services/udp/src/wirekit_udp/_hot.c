@@ -4,9 +4,10 @@
  * What it is for: udp's per-datagram path is a dozen checks, each a few Python-level
  * attribute reads, and two token buckets (the global one and the source's); in Python they
  * cost twice what a bare uvloop echo costs in all. Here the state they touch lives in C
- * structures: a datagram that is answered costs the clock's call, the loop key (a keyed hash
- * of the payload that is not Python's: see loop_key below), two dict look-ups, the bucket
- * arithmetic and the one call it must make: transport.sendto().
+ * structures: a datagram that is answered costs a read of the clock (a call where the clock is
+ * not time.monotonic), the loop key (a keyed hash of the payload that is not Python's: see
+ * loop_key below), a probe of the loop table (LoopTable, C's: no objects made) and one of the
+ * limiter's dict, the bucket arithmetic and the one call it must make: transport.sendto().
  * Everything rare goes to the same Python code as the pure build: UdpEcho._drop, _judge,
  * _send_empty, LoopGuard.answered (a full table).
  *
@@ -23,12 +24,14 @@
 #include <structmember.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 static PyObject *str_drop, *str_judge, *str_send_empty, *str_answered;
 static PyObject *reason_oversize, *reason_privileged_port, *reason_denied_port,
     *reason_broadcast_multicast, *reason_loop, *reason_rate_limit_global,
     *reason_rate_limit_source;
 static PyObject *source_key; /* wirekit_udp.defences.source_key */
+static PyObject *monotonic;  /* time.monotonic */
 
 /* -- Cell: one counter value (wirekit_servicekit.metrics.Cell's interface) ------------------ */
 
@@ -638,30 +641,41 @@ loop_key_init(void)
 }
 #endif
 
-/* The loop guard's key of an answer of data to addr: a new reference to an int. Where the
- * compiler has no 128-bit integers, or data is not bytes (or a subclass of bytes), it is the
- * pure build's hash((addr, data)); transports hand over bytes. */
-static PyObject *
-loop_key(PyObject *data, PyObject *addr)
+/* The loop guard's key of an answer of data to addr, into *key. Where the compiler has no
+ * 128-bit integers, or data is not bytes (or a subclass of bytes), it is the pure build's
+ * hash((addr, data)); transports hand over bytes. Never -1 (as Python's hash() never is): the
+ * loop table's free slots are marked with it. */
+static int
+loop_key_of_pair(PyObject *data, PyObject *addr, int64_t *key)
 {
-    Py_hash_t hash;
 #if defined(__SIZEOF_INT128__)
     if (PyBytes_Check(data)) {
         Py_hash_t addr_hash = PyObject_Hash(addr);
         if (addr_hash == -1)
-            return NULL;
-        uint64_t key = loop_key_of((uint64_t)addr_hash,
-                                   (const unsigned char *)PyBytes_AS_STRING(data),
-                                   PyBytes_GET_SIZE(data));
-        return PyLong_FromLongLong((long long)key);
+            return -1;
+        int64_t k = (int64_t)loop_key_of((uint64_t)addr_hash,
+                                         (const unsigned char *)PyBytes_AS_STRING(data),
+                                         PyBytes_GET_SIZE(data));
+        *key = k == -1 ? -2 : k;
+        return 0;
     }
 #endif
     PyObject *pair = PyTuple_Pack(2, addr, data);
     if (pair == NULL)
-        return NULL;
-    hash = PyObject_Hash(pair);
+        return -1;
+    Py_hash_t hash = PyObject_Hash(pair);
     Py_DECREF(pair);
-    return hash == -1 ? NULL : PyLong_FromSsize_t(hash);
+    if (hash == -1)
+        return -1;
+    *key = (int64_t)hash;
+    return 0;
+}
+
+static PyObject *
+loop_key(PyObject *data, PyObject *addr)
+{
+    int64_t key;
+    return loop_key_of_pair(data, addr, &key) < 0 ? NULL : PyLong_FromLongLong((long long)key);
 }
 
 static PyObject *
@@ -674,6 +688,283 @@ hot_loop_key(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return loop_key(args[0], args[1]);
 }
 
+/* -- LoopTable: the loop guard's table, loop key -> when answered -------------------------- */
+
+/* The pure build's is a dict of int -> float: on the per-datagram path that is an int and a
+ * float object made, hashed and kept for each answer. Here a key is an int64 and a time a
+ * double, in open addressing (linear probing, at most half full, deletion by backward shift).
+ * The keys are a keyed hash already; Fibonacci hashing spreads any others (the tests' small
+ * ints) over the slots. A dict's interface, as much of it as LoopGuard and the tests use. */
+
+#define LOOP_FREE ((int64_t)-1)
+#define LOOP_MIN_BITS 3
+
+typedef struct {
+    PyObject_HEAD
+    int64_t *keys; /* LOOP_FREE: a free slot */
+    double *whens;
+    Py_ssize_t mask; /* slots - 1; slots is 2 ** bits */
+    int shift;       /* 64 - bits */
+    Py_ssize_t used;
+} TableObject;
+
+static PyTypeObject TableType;
+
+static inline Py_ssize_t
+table_home(const TableObject *t, int64_t key)
+{
+    return (Py_ssize_t)(((uint64_t)key * 0x9E3779B97F4A7C15ULL) >> t->shift);
+}
+
+/* The slot holding key, or the free slot where it would go. */
+static inline Py_ssize_t
+table_find(const TableObject *t, int64_t key)
+{
+    Py_ssize_t i = table_home(t, key);
+    while (t->keys[i] != key && t->keys[i] != LOOP_FREE)
+        i = (i + 1) & t->mask;
+    return i;
+}
+
+static int
+table_alloc(TableObject *t, int bits)
+{
+    size_t slots = (size_t)1 << bits;
+    int64_t *keys = PyMem_Malloc(slots * sizeof *keys);
+    double *whens = PyMem_Malloc(slots * sizeof *whens);
+    if (keys == NULL || whens == NULL) {
+        PyMem_Free(keys);
+        PyMem_Free(whens);
+        PyErr_NoMemory();
+        return -1;
+    }
+    memset(keys, 0xff, slots * sizeof *keys); /* every key LOOP_FREE */
+    t->keys = keys;
+    t->whens = whens;
+    t->mask = (Py_ssize_t)slots - 1;
+    t->shift = 64 - bits;
+    t->used = 0;
+    return 0;
+}
+
+static int
+table_put(TableObject *t, int64_t key, double when)
+{
+    if ((t->used + 1) * 2 > t->mask + 1) { /* more than half full: twice the slots */
+        int64_t *keys = t->keys;
+        double *whens = t->whens;
+        Py_ssize_t slots = t->mask + 1, used = t->used;
+        if (table_alloc(t, 64 - t->shift + 1) < 0)
+            return -1;
+        for (Py_ssize_t j = 0; j < slots; j++) {
+            if (keys[j] != LOOP_FREE) {
+                Py_ssize_t i = table_find(t, keys[j]);
+                t->keys[i] = keys[j];
+                t->whens[i] = whens[j];
+            }
+        }
+        t->used = used;
+        PyMem_Free(keys);
+        PyMem_Free(whens);
+    }
+    Py_ssize_t i = table_find(t, key);
+    if (t->keys[i] == LOOP_FREE) {
+        t->keys[i] = key;
+        t->used++;
+    }
+    t->whens[i] = when;
+    return 0;
+}
+
+/* Free slot i; the entries after it that probed past it move back (none is left unreachable). */
+static void
+table_remove_at(TableObject *t, Py_ssize_t i)
+{
+    for (Py_ssize_t j = (i + 1) & t->mask; t->keys[j] != LOOP_FREE; j = (j + 1) & t->mask) {
+        /* the entry at j may fill slot i if its home is not within (i, j] */
+        if (((j - table_home(t, t->keys[j])) & t->mask) >= ((j - i) & t->mask)) {
+            t->keys[i] = t->keys[j];
+            t->whens[i] = t->whens[j];
+            i = j;
+        }
+    }
+    t->keys[i] = LOOP_FREE;
+    t->used--;
+}
+
+/* A Python key as the table's: 1, or 0 when no loop key can be it (not found, not stored). */
+static int
+table_key(PyObject *o, int64_t *key)
+{
+    if (!PyLong_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "loop keys are ints, not %s", Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    int overflow;
+    long long k = PyLong_AsLongLongAndOverflow(o, &overflow);
+    if (k == -1 && PyErr_Occurred())
+        return -1;
+    *key = (int64_t)k;
+    return !overflow && k != -1;
+}
+
+static PyObject *
+Table_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    if (PyTuple_GET_SIZE(args) || (kwds != NULL && PyDict_GET_SIZE(kwds))) {
+        PyErr_SetString(PyExc_TypeError, "LoopTable() takes no arguments");
+        return NULL;
+    }
+    TableObject *self = (TableObject *)type->tp_alloc(type, 0);
+    if (self != NULL && table_alloc(self, LOOP_MIN_BITS) < 0)
+        Py_CLEAR(self);
+    return (PyObject *)self;
+}
+
+static void
+Table_dealloc(TableObject *self)
+{
+    PyMem_Free(self->keys);
+    PyMem_Free(self->whens);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static Py_ssize_t
+Table_length(TableObject *self)
+{
+    return self->used;
+}
+
+/* The slot of a Python key, or -1 (an error set when there is one). */
+static Py_ssize_t
+Table_slot(TableObject *self, PyObject *o)
+{
+    int64_t key;
+    int ok = table_key(o, &key);
+    if (ok <= 0)
+        return -1;
+    Py_ssize_t i = table_find(self, key);
+    return self->keys[i] == key ? i : -1;
+}
+
+static PyObject *
+Table_subscript(TableObject *self, PyObject *o)
+{
+    Py_ssize_t i = Table_slot(self, o);
+    if (i < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetObject(PyExc_KeyError, o);
+        return NULL;
+    }
+    return PyFloat_FromDouble(self->whens[i]);
+}
+
+static int
+Table_ass_subscript(TableObject *self, PyObject *o, PyObject *value)
+{
+    if (value == NULL) {
+        Py_ssize_t i = Table_slot(self, o);
+        if (i < 0) {
+            if (!PyErr_Occurred())
+                PyErr_SetObject(PyExc_KeyError, o);
+            return -1;
+        }
+        table_remove_at(self, i);
+        return 0;
+    }
+    int64_t key;
+    double when;
+    int ok = table_key(o, &key);
+    if (ok < 0 || as_double(value, &when) < 0)
+        return -1;
+    if (!ok) {
+        PyErr_Format(PyExc_ValueError, "%R is not a loop key (an int64 other than -1)", o);
+        return -1;
+    }
+    return table_put(self, key, when);
+}
+
+static int
+Table_contains(TableObject *self, PyObject *o)
+{
+    Py_ssize_t i = Table_slot(self, o);
+    return i >= 0 ? 1 : PyErr_Occurred() ? -1 : 0;
+}
+
+static PyObject *
+Table_get(TableObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1 || nargs > 2) {
+        PyErr_Format(PyExc_TypeError, "get() takes 1 or 2 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    Py_ssize_t i = Table_slot(self, args[0]);
+    if (i >= 0)
+        return PyFloat_FromDouble(self->whens[i]);
+    if (PyErr_Occurred())
+        return NULL;
+    return Py_NewRef(nargs == 2 ? args[1] : Py_None);
+}
+
+static PyObject *
+Table_items(TableObject *self, PyObject *unused)
+{
+    PyObject *items = PyList_New(self->used);
+    if (items == NULL)
+        return NULL;
+    Py_ssize_t n = 0;
+    for (Py_ssize_t i = 0; i <= self->mask; i++) {
+        if (self->keys[i] == LOOP_FREE)
+            continue;
+        PyObject *item = Py_BuildValue("(Ld)", (long long)self->keys[i], self->whens[i]);
+        if (item == NULL) {
+            Py_DECREF(items);
+            return NULL;
+        }
+        PyList_SET_ITEM(items, n++, item);
+    }
+    return items;
+}
+
+static PyObject *
+Table_clear(TableObject *self, PyObject *unused)
+{
+    memset(self->keys, 0xff, (size_t)(self->mask + 1) * sizeof *self->keys);
+    self->used = 0;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef Table_methods[] = {
+    {"get", (PyCFunction)(void (*)(void))Table_get, METH_FASTCALL,
+     "get(key, default=None): when key was answered, or default."},
+    {"items", (PyCFunction)Table_items, METH_NOARGS, "A list of (key, when) pairs."},
+    {"clear", (PyCFunction)Table_clear, METH_NOARGS, "Forget every answer."},
+    {NULL},
+};
+
+static PyMappingMethods Table_as_mapping = {
+    .mp_length = (lenfunc)Table_length,
+    .mp_subscript = (binaryfunc)Table_subscript,
+    .mp_ass_subscript = (objobjargproc)Table_ass_subscript,
+};
+
+static PySequenceMethods Table_as_sequence = {
+    .sq_contains = (objobjproc)Table_contains,
+};
+
+static PyTypeObject TableType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "wirekit_udp._hot.LoopTable",
+    .tp_doc = "LoopTable(): the loop guard's table, loop key (int) -> when answered (float).",
+    .tp_basicsize = sizeof(TableObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = Table_new,
+    .tp_dealloc = (destructor)Table_dealloc,
+    .tp_methods = Table_methods,
+    .tp_as_mapping = &Table_as_mapping,
+    .tp_as_sequence = &Table_as_sequence,
+};
+
 /* -- Core: the state of the endpoint that its datagrams touch --------------------------------- */
 
 typedef struct {
@@ -683,7 +974,7 @@ typedef struct {
     PyObject *sendto;
     PyObject *time;          /* ctx.clock */
     PyObject *loop;          /* the LoopGuard */
-    PyObject *answers;       /* its dict: loop_key(data, addr) -> when answered */
+    TableObject *answers;    /* its table: loop_key(data, addr) -> when answered */
     PyObject *unicast;       /* set: hosts judged unicast */
     PyObject *deny_ports;    /* set or frozenset */
     LimiterObject *limiter;
@@ -695,6 +986,7 @@ typedef struct {
     long min_port;
     char sends_empty;
     char ipv4;
+    char monotonic; /* the clock is time.monotonic: read here, no call, no float made */
 } CoreObject;
 
 static int
@@ -796,7 +1088,7 @@ Core_init(CoreObject *self, PyObject *args, PyObject *kwds)
         || limiter_ready(self->limiter) < 0
         || take(ctx, "global_bucket", &BucketType, (PyObject **)&self->global_bucket) < 0
         || take(ctx, "loop", NULL, &self->loop) < 0
-        || take(self->loop, "answers", &PyDict_Type, &self->answers) < 0
+        || take(self->loop, "answers", &TableType, (PyObject **)&self->answers) < 0
         || take_number(self->loop, "window_s", &window, NULL) < 0
         || take_number(self->loop, "limit", NULL, &remember) < 0
         || take(ctx, "clock", NULL, &self->time) < 0
@@ -825,6 +1117,11 @@ Core_init(CoreObject *self, PyObject *args, PyObject *kwds)
     self->min_port = (long)min_port;
     self->sends_empty = 0;
     self->ipv4 = 0;
+#if defined(CLOCK_MONOTONIC)
+    self->monotonic = self->time == monotonic;
+#else
+    self->monotonic = 0;
+#endif
     status = 0;
 done:
     Py_XDECREF(metrics);
@@ -863,8 +1160,8 @@ Core_datagram_received(CoreObject *self, PyObject *const *args, Py_ssize_t nargs
         return NULL;
     }
     PyObject *data = args[0], *addr = args[1];
-    PyObject *port = NULL, *host = NULL, *now = NULL, *key = NULL;
-    PyObject *answers = NULL, *sendto = NULL; /* held: Python code runs while they are used */
+    PyObject *port = NULL, *host = NULL, *now = NULL, *key = NULL, *sendto = NULL;
+    TableObject *answers = NULL; /* held (so is sendto): Python code runs while it is used */
     PyObject *result = NULL;
     if (self->ctx == NULL) { /* set last by __init__ */
         PyErr_SetString(PyExc_RuntimeError, "Core is not initialised");
@@ -931,26 +1228,30 @@ Core_datagram_received(CoreObject *self, PyObject *const *args, Py_ssize_t nargs
             goto done;
         }
     }
-    if ((now = PyObject_CallNoArgs(self->time)) == NULL)
-        goto done;
     double t;
-    if (as_double(now, &t) < 0)
-        goto done;
-    /* LoopGuard.key and .reflected */
-    if ((key = loop_key(data, addr)) == NULL)
-        goto done;
-    answers = Py_NewRef(self->answers);
-    PyObject *when = PyDict_GetItemWithError(answers, key); /* borrowed */
-    if (when == NULL && PyErr_Occurred())
-        goto done;
-    if (when != NULL) {
-        double w;
-        if (as_double(when, &w) < 0)
-            goto done;
-        if (t - w < self->window) {
-            result = drop(self, reason_loop, addr, n);
+#if defined(CLOCK_MONOTONIC)
+    if (self->monotonic) { /* what time.monotonic() returns, read as it reads it */
+        struct timespec ts;
+        if (clock_gettime(CLOCK_MONOTONIC, &ts) < 0) {
+            PyErr_SetFromErrno(PyExc_OSError);
             goto done;
         }
+        t = (double)((int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec) / 1e9;
+    } else
+#endif
+    {
+        if ((now = PyObject_CallNoArgs(self->time)) == NULL || as_double(now, &t) < 0)
+            goto done;
+    }
+    /* LoopGuard.key and .reflected */
+    int64_t k;
+    if (loop_key_of_pair(data, addr, &k) < 0)
+        goto done;
+    answers = (TableObject *)Py_NewRef(self->answers);
+    Py_ssize_t slot = table_find(answers, k);
+    if (answers->keys[slot] == k && t - answers->whens[slot] < self->window) {
+        result = drop(self, reason_loop, addr, n);
+        goto done;
     }
     /* self.global_bucket.take(now), as the pure build inlines it */
     BucketObject *bucket = self->global_bucket;
@@ -997,10 +1298,13 @@ Core_datagram_received(CoreObject *self, PyObject *const *args, Py_ssize_t nargs
         goto done;
     Py_DECREF(sent);
     /* LoopGuard.answered */
-    if (PyDict_GET_SIZE(answers) < self->remember) {
-        if (PyDict_SetItem(answers, key, now) < 0)
+    if (answers->used < self->remember) {
+        if (table_put(answers, k, t) < 0)
             goto done;
     } else {
+        if ((key = PyLong_FromLongLong((long long)k)) == NULL
+            || (now == NULL && (now = PyFloat_FromDouble(t)) == NULL))
+            goto done;
         PyObject *done_ = call_method(self->loop, str_answered, key, now, NULL);
         if (done_ == NULL)
             goto done;
@@ -1096,9 +1400,16 @@ hot_exec(PyObject *module)
     Py_DECREF(defences);
     if (source_key == NULL)
         return -1;
-    PyTypeObject *types[] = {&CellType, &BucketType, &LimiterType, &CoreType};
-    const char *names[] = {"Cell", "TokenBucket", "SourceLimiter", "Core"};
-    for (int i = 0; i < 4; i++) {
+    PyObject *time = PyImport_ImportModule("time");
+    if (time == NULL)
+        return -1;
+    Py_XSETREF(monotonic, PyObject_GetAttrString(time, "monotonic"));
+    Py_DECREF(time);
+    if (monotonic == NULL)
+        return -1;
+    PyTypeObject *types[] = {&CellType, &BucketType, &LimiterType, &TableType, &CoreType};
+    const char *names[] = {"Cell", "TokenBucket", "SourceLimiter", "LoopTable", "Core"};
+    for (int i = 0; i < 5; i++) {
         if (PyType_Ready(types[i]) < 0)
             return -1;
         Py_INCREF(types[i]);

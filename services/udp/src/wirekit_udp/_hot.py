@@ -8,8 +8,8 @@ module before this file). ``make test-compiled`` runs udp's tests against the C 
 takes ``datagram_received`` from it. What is rare goes to the subclass's Python methods in both
 builds: ``_drop`` (every drop), ``_judge`` (a host not yet known as unicast), ``_send_empty``,
 and ``LoopGuard.answered`` once the loop guard's table is full. ``TokenBucket`` and
-``SourceLimiter`` are servicekit's here; the C build has its own, with the same interface and
-the same results (``UdpContext.build`` makes them from this module).
+``SourceLimiter`` are servicekit's here, ``LoopTable`` a dict; the C build has its own, with the
+same interface and the same results (``UdpContext.build`` makes them from this module).
 """
 
 from __future__ import annotations
@@ -26,10 +26,12 @@ from .defences import LoopGuard, source_key
 if TYPE_CHECKING:
     from .protocol import UdpContext
 
-__all__ = ["Cell", "Core", "SourceLimiter", "TokenBucket"]
+__all__ = ["Cell", "Core", "LoopTable", "SourceLimiter", "TokenBucket"]
 
 BUILD = "pure"
 LOOP_KEY = "hash"  # loop_key's function: Python's hash; the C build's is "nh" (see _hot.c)
+#: The loop guard's table, key -> when answered (the C build's is a table of int64 and double).
+LoopTable = dict
 
 
 def _not_connected(data: bytes, addr: tuple[Any, ...]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+from collections.abc import MutableMapping
 from typing import Any
 
 _BROADCAST = ipaddress.IPv4Address("255.255.255.255")
@@ -73,13 +74,16 @@ class LoopGuard:
 
     __slots__ = ("answers", "limit", "prune_at", "window_s")
 
-    def __init__(self, window_s: float, limit: int) -> None:
+    def __init__(
+        self, window_s: float, limit: int, answers: MutableMapping[int, float] | None = None
+    ) -> None:
         self.window_s = window_s
         self.limit = limit
-        # hash of (address tuple as the socket gives it, bytes) -> when we answered it: ints
-        # and floats only, nothing for the garbage collector to walk at 20,000 answers/s. One
-        # table, changed in place: the protocol keeps a reference to it.
-        self.answers: dict[int, float] = {}
+        # key of (address tuple as the socket gives it, bytes) -> when we answered it: ints
+        # and floats only, nothing for the garbage collector to walk at 20,000 answers/s (a
+        # dict; the C build's _hot.LoopTable, which UdpContext.build gives). One table,
+        # changed in place: the protocol keeps a reference to it.
+        self.answers: MutableMapping[int, float] = {} if answers is None else answers
         self.prune_at = 0.0
 
     def __len__(self) -> int:

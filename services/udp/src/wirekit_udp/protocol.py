@@ -175,7 +175,8 @@ class UdpContext:
         tracer: trace.Tracer,
         clock: Callable[[], float],
     ) -> UdpContext:
-        # the rate limits the per-datagram path reads in C where it is built (_hot)
+        # the rate limits and loop table the per-datagram path reads in C where it is built
+        # (_hot); the clock is time.monotonic in the service, which the C build reads itself
         limiter = _hot.SourceLimiter(settings.rate_per_source, settings.burst_per_source,
                                 settings.limit_sources)  # fmt: skip
         return cls(
@@ -183,7 +184,7 @@ class UdpContext:
             limiter=limiter,
             reporter=DropReporter(tracer, settings.report_interval_s),
             global_bucket=_hot.TokenBucket(settings.rate_global, settings.burst_global, 0.0),
-            loop=LoopGuard(settings.loop_window_s, settings.limit_sources),
+            loop=LoopGuard(settings.loop_window_s, settings.limit_sources, _hot.LoopTable()),
             clock=clock,
             max_size=settings.max_datagram_size,
             min_port=1024 if settings.deny_privileged_ports else 0,
