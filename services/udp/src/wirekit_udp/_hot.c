@@ -1372,6 +1372,553 @@ static PyTypeObject CoreType = {
     .tp_members = Core_members,
 };
 
+/* -- DatagramIO: the endpoint's socket, read and written here ------------------------------- */
+
+/* uvloop's datagram transport (libuv's) costs more per datagram than wirekit's defences do: a
+ * source address made into a string with inet_ntop (glibc's sprintf: ~1,400 instructions), the
+ * answer's address looked up in an LRU cache of tuples by equality, a bound method made to call
+ * datagram_received, a recvmsg that finds the socket empty after each batch. Here, on the
+ * loop's add_reader:
+ * - recvmmsg takes up to IO_BATCH datagrams in one call (and one that returns fewer shows the
+ *   socket emptied: no call to find it empty);
+ * - a source address becomes its (host, port[, flowinfo, scope_id]) tuple once, then comes from
+ *   a direct-mapped cache (the same tuple object: its host's hash is cached too);
+ * - datagram_received is Core's C function, called directly (a protocol that overrides it is
+ *   called as any object);
+ * - the answers given while a batch is handled leave together, in one sendmmsg, each to the
+ *   source's address as received (the tuple it was given is recognised by identity), from the
+ *   address it came to when the socket is a wildcard bind (IP_PKTINFO / IPV6_PKTINFO).
+ * A send the kernel cannot take (a full buffer, an unreachable address) is reported to the
+ * protocol's error_received, as asyncio's transports do; UDP answers are not retried. */
+
+#if defined(__linux__)
+#include <sys/socket.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
+#include <errno.h>
+
+#define IO_BATCH 16
+#define IO_ROUNDS 4 /* batches per readiness callback (64 datagrams) before the loop's turn */
+#define IO_CACHE 256
+
+typedef union {
+    struct sockaddr sa;
+    struct sockaddr_in in;
+    struct sockaddr_in6 in6;
+} SockAddr;
+
+typedef union { /* room for either control message, aligned as one */
+    char buf[CMSG_SPACE(sizeof(struct in6_pktinfo)) + CMSG_SPACE(sizeof(struct in_pktinfo))];
+    struct cmsghdr align;
+} Control;
+
+typedef struct {
+    SockAddr addr;
+    socklen_t len;
+    PyObject *tuple; /* owned; NULL: a free slot */
+} CachedAddr;
+
+typedef struct {
+    PyObject *data; /* owned until sent */
+    SockAddr addr;
+    socklen_t addrlen;
+    Control control;
+    size_t controllen;
+    struct iovec iov;
+} Answer;
+
+typedef struct {
+    PyObject_HEAD
+    int fd;
+    int family;
+    char pktinfo;  /* a wildcard bind: answer from the address each datagram came to */
+    char closing;
+    char batching; /* inside a batch: answers wait for its sendmmsg */
+    char direct;   /* the protocol is a Core with Core's datagram_received */
+    Py_ssize_t size;
+    PyObject *protocol;
+    unsigned char *bufs; /* IO_BATCH * size */
+    struct mmsghdr in[IO_BATCH];
+    struct iovec iov[IO_BATCH];
+    SockAddr names[IO_BATCH];
+    Control controls[IO_BATCH];
+    int current;      /* the datagram being handled (an index of in[]), or -1 */
+    PyObject *source; /* its address tuple (borrowed from the cache) */
+    Control reply;    /* the control message its answer leaves with */
+    size_t replylen;
+    Answer answers[IO_BATCH];
+    struct mmsghdr out[IO_BATCH];
+    int pending;
+    CachedAddr *cache; /* IO_CACHE slots */
+} IOObject;
+
+static PyTypeObject IOType;
+static PyObject *str_datagram_received, *str_error_received;
+
+static int
+IO_traverse(IOObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->protocol);
+    return 0;
+}
+
+static void
+io_forget(IOObject *self)
+{
+    for (int i = 0; i < self->pending; i++)
+        Py_CLEAR(self->answers[i].data);
+    self->pending = 0;
+    if (self->cache != NULL)
+        for (int i = 0; i < IO_CACHE; i++)
+            Py_CLEAR(self->cache[i].tuple);
+    self->source = NULL;
+}
+
+static int
+IO_clear(IOObject *self)
+{
+    io_forget(self);
+    Py_CLEAR(self->protocol);
+    return 0;
+}
+
+static void
+IO_dealloc(IOObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    IO_clear(self);
+    PyMem_Free(self->bufs);
+    PyMem_Free(self->cache);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+IO_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"fd", "family", "protocol", "size", "pktinfo", NULL};
+    int fd, family, pktinfo;
+    Py_ssize_t size;
+    PyObject *protocol;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiOnp:DatagramIO", kwlist, &fd, &family,
+                                     &protocol, &size, &pktinfo))
+        return NULL;
+    if (family != AF_INET && family != AF_INET6) {
+        PyErr_Format(PyExc_ValueError, "family must be AF_INET or AF_INET6, not %d", family);
+        return NULL;
+    }
+    if (size < 1 || size > 65536) {
+        PyErr_Format(PyExc_ValueError, "size must be 1 to 65536, not %zd", size);
+        return NULL;
+    }
+    IOObject *self = (IOObject *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->fd = fd;
+    self->family = family;
+    self->pktinfo = (char)pktinfo;
+    self->size = size;
+    self->current = -1;
+    self->protocol = Py_NewRef(protocol);
+    self->bufs = PyMem_Malloc((size_t)size * IO_BATCH);
+    self->cache = PyMem_Calloc(IO_CACHE, sizeof *self->cache);
+    if (self->bufs == NULL || self->cache == NULL) {
+        Py_DECREF(self);
+        return PyErr_NoMemory();
+    }
+    for (int i = 0; i < IO_BATCH; i++) {
+        self->iov[i].iov_base = self->bufs + (size_t)size * i;
+        self->iov[i].iov_len = (size_t)size;
+    }
+    PyObject *method = PyObject_GetAttr((PyObject *)Py_TYPE(protocol), str_datagram_received);
+    if (method == NULL) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    PyObject *core_method = PyDict_GetItemWithError(CoreType.tp_dict, str_datagram_received);
+    self->direct = PyObject_TypeCheck(protocol, &CoreType) && method == core_method;
+    Py_DECREF(method);
+    if (PyErr_Occurred()) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+/* The (host, port[, flowinfo, scope_id]) tuple of a source address, as Python's socket module
+ * makes it: a new reference. */
+static PyObject *
+addr_tuple(const SockAddr *a)
+{
+    char host[INET6_ADDRSTRLEN];
+    if (a->sa.sa_family == AF_INET) {
+        if (inet_ntop(AF_INET, &a->in.sin_addr, host, sizeof host) == NULL)
+            return PyErr_SetFromErrno(PyExc_OSError);
+        return Py_BuildValue("(si)", host, (int)ntohs(a->in.sin_port));
+    }
+    if (a->sa.sa_family == AF_INET6) {
+        if (inet_ntop(AF_INET6, &a->in6.sin6_addr, host, sizeof host) == NULL)
+            return PyErr_SetFromErrno(PyExc_OSError);
+        return Py_BuildValue("(siII)", host, (int)ntohs(a->in6.sin6_port),
+                             (unsigned int)ntohl(a->in6.sin6_flowinfo),
+                             (unsigned int)a->in6.sin6_scope_id);
+    }
+    PyErr_Format(PyExc_OSError, "a datagram from an address of family %d", a->sa.sa_family);
+    return NULL;
+}
+
+/* The cached tuple of a source address (borrowed; it lives until its slot is taken). */
+static PyObject *
+io_source(IOObject *self, const SockAddr *a, socklen_t len)
+{
+    uint64_t h = 0;
+    if (a->sa.sa_family == AF_INET) {
+        len = sizeof a->in;
+        h = ((uint64_t)a->in.sin_addr.s_addr << 16) ^ a->in.sin_port;
+    } else if (a->sa.sa_family == AF_INET6) {
+        len = sizeof a->in6;
+        uint64_t w[2];
+        memcpy(w, &a->in6.sin6_addr, 16);
+        h = w[0] ^ w[1] ^ a->in6.sin6_port ^ ((uint64_t)a->in6.sin6_scope_id << 32)
+            ^ ((uint64_t)a->in6.sin6_flowinfo << 20);
+    }
+    CachedAddr *slot = &self->cache[(h * 0x9E3779B97F4A7C15ULL) >> (64 - 8)];
+    if (slot->tuple != NULL && slot->len == len && memcmp(&slot->addr, a, len) == 0)
+        return slot->tuple;
+    PyObject *tuple = addr_tuple(a);
+    if (tuple == NULL)
+        return NULL;
+    Py_XSETREF(slot->tuple, tuple);
+    memcpy(&slot->addr, a, len);
+    slot->len = len;
+    return tuple;
+}
+
+/* The control message that makes an answer leave from where datagram i came to. */
+static void
+io_reply_from(IOObject *self, struct msghdr *msg)
+{
+    self->replylen = 0;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(msg); c != NULL; c = CMSG_NXTHDR(msg, c)) {
+        struct cmsghdr *r = (struct cmsghdr *)self->reply.buf;
+        if (c->cmsg_level == IPPROTO_IP && c->cmsg_type == IP_PKTINFO
+            && c->cmsg_len >= CMSG_LEN(sizeof(struct in_pktinfo))) {
+            struct in_pktinfo got, answer = {0};
+            memcpy(&got, CMSG_DATA(c), sizeof got);
+            answer.ipi_spec_dst = got.ipi_addr;
+            r->cmsg_level = IPPROTO_IP;
+            r->cmsg_type = IP_PKTINFO;
+            r->cmsg_len = CMSG_LEN(sizeof answer);
+            memcpy(CMSG_DATA(r), &answer, sizeof answer);
+            self->replylen = CMSG_SPACE(sizeof answer);
+            return;
+        }
+        if (c->cmsg_level == IPPROTO_IPV6 && c->cmsg_type == IPV6_PKTINFO
+            && c->cmsg_len >= CMSG_LEN(sizeof(struct in6_pktinfo))) {
+            struct in6_pktinfo got, answer = {0};
+            memcpy(&got, CMSG_DATA(c), sizeof got);
+            answer.ipi6_addr = got.ipi6_addr;
+            r->cmsg_level = IPPROTO_IPV6;
+            r->cmsg_type = IPV6_PKTINFO;
+            r->cmsg_len = CMSG_LEN(sizeof answer);
+            memcpy(CMSG_DATA(r), &answer, sizeof answer);
+            self->replylen = CMSG_SPACE(sizeof answer);
+            return;
+        }
+    }
+}
+
+/* An exception taken out of the error indicator (Python 3.11's API), to raise later. */
+typedef struct {
+    PyObject *type, *value, *traceback;
+} Raised;
+
+/* Keep the exception raised if it is the first; else it is reported as unraisable. */
+static void
+keep_first(Raised *first, PyObject *where)
+{
+    if (first->type == NULL)
+        PyErr_Fetch(&first->type, &first->value, &first->traceback);
+    else
+        PyErr_WriteUnraisable(where);
+}
+
+/* protocol.error_received(OSError(err)); -1 if it raised. */
+static int
+io_report(IOObject *self, int err)
+{
+    PyObject *type, *exc, *traceback;
+    errno = err;
+    PyErr_SetFromErrno(PyExc_OSError);
+    PyErr_Fetch(&type, &exc, &traceback);
+    PyErr_NormalizeException(&type, &exc, &traceback);
+    Py_XDECREF(type);
+    Py_XDECREF(traceback);
+    if (exc == NULL)
+        return -1;
+    PyObject *args[2] = {self->protocol, exc};
+    PyObject *result = PyObject_VectorcallMethod(
+        str_error_received, args, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    Py_DECREF(exc);
+    if (result == NULL)
+        return -1;
+    Py_DECREF(result);
+    return 0;
+}
+
+/* Send the answers waiting; -1 if error_received raised. The queue is emptied before any
+ * Python code runs (error_received may send). */
+static int
+io_flush(IOObject *self)
+{
+    int n = self->pending, at = 0, status = 0, errors[IO_BATCH], failures = 0;
+    for (int i = 0; i < n; i++) {
+        Answer *a = &self->answers[i];
+        struct msghdr *m = &self->out[i].msg_hdr;
+        memset(m, 0, sizeof *m);
+        m->msg_name = &a->addr;
+        m->msg_namelen = a->addrlen;
+        m->msg_iov = &a->iov;
+        m->msg_iovlen = 1;
+        if (a->controllen) {
+            m->msg_control = a->control.buf;
+            m->msg_controllen = a->controllen;
+        }
+    }
+    while (at < n && !self->closing) {
+        int sent = sendmmsg(self->fd, self->out + at, (unsigned int)(n - at), MSG_DONTWAIT);
+        if (sent > 0) {
+            at += sent;
+            continue;
+        }
+        if (sent < 0 && errno == EINTR)
+            continue;
+        errors[failures++] = sent < 0 ? errno : EIO;
+        at++; /* this answer is lost: reported, the next ones tried */
+    }
+    for (int i = 0; i < n; i++)
+        Py_CLEAR(self->answers[i].data);
+    self->pending = 0;
+    for (int i = 0; i < failures && status == 0; i++)
+        if (io_report(self, errors[i]) < 0)
+            status = -1;
+    return status;
+}
+
+/* An address tuple as a socket address, for an answer to an address not just received. */
+static int
+parse_addr(IOObject *self, PyObject *addr, SockAddr *a, socklen_t *len)
+{
+    const char *host;
+    int port;
+    unsigned int flowinfo = 0, scope_id = 0;
+    if (!PyTuple_Check(addr)) {
+        PyErr_Format(PyExc_TypeError, "an address is a tuple, not %s", Py_TYPE(addr)->tp_name);
+        return -1;
+    }
+    if (self->family == AF_INET) {
+        if (!PyArg_ParseTuple(addr, "si:sendto", &host, &port))
+            return -1;
+    } else if (!PyArg_ParseTuple(addr, "si|II:sendto", &host, &port, &flowinfo, &scope_id)) {
+        return -1;
+    }
+    if (port < 0 || port > 65535) {
+        PyErr_Format(PyExc_OverflowError, "port must be 0-65535, not %d", port);
+        return -1;
+    }
+    memset(a, 0, sizeof *a);
+    if (self->family == AF_INET) {
+        a->in.sin_family = AF_INET;
+        a->in.sin_port = htons((uint16_t)port);
+        if (inet_pton(AF_INET, host, &a->in.sin_addr) != 1)
+            goto not_numeric;
+        *len = sizeof a->in;
+    } else {
+        a->in6.sin6_family = AF_INET6;
+        a->in6.sin6_port = htons((uint16_t)port);
+        a->in6.sin6_flowinfo = htonl(flowinfo);
+        a->in6.sin6_scope_id = scope_id;
+        if (inet_pton(AF_INET6, host, &a->in6.sin6_addr) != 1)
+            goto not_numeric;
+        *len = sizeof a->in6;
+    }
+    return 0;
+not_numeric:
+    PyErr_Format(PyExc_ValueError, "%R is not a numeric address of this socket's family", addr);
+    return -1;
+}
+
+static PyObject *
+IO_sendto(IOObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "sendto() takes 2 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    PyObject *data = args[0], *addr = args[1];
+    if (self->closing)
+        Py_RETURN_NONE; /* as asyncio's: nothing is sent once the transport is closing */
+    if (!PyBytes_Check(data)) { /* bytes-like: sent as bytes */
+        data = PyBytes_FromObject(data);
+        if (data == NULL)
+            return NULL;
+    } else {
+        Py_INCREF(data);
+    }
+    if (self->pending == IO_BATCH && io_flush(self) < 0) {
+        Py_DECREF(data);
+        return NULL;
+    }
+    Answer *a = &self->answers[self->pending];
+    if (addr == self->source && self->current >= 0) {
+        a->addrlen = self->in[self->current].msg_hdr.msg_namelen;
+        memcpy(&a->addr, &self->names[self->current], a->addrlen);
+    } else if (parse_addr(self, addr, &a->addr, &a->addrlen) < 0) {
+        Py_DECREF(data);
+        return NULL;
+    }
+    a->controllen = self->current >= 0 ? self->replylen : 0;
+    if (a->controllen)
+        memcpy(a->control.buf, self->reply.buf, a->controllen);
+    a->data = data;
+    a->iov.iov_base = PyBytes_AS_STRING(data);
+    a->iov.iov_len = (size_t)PyBytes_GET_SIZE(data);
+    self->pending++;
+    if (!self->batching && io_flush(self) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* Hand datagram i to the protocol. */
+static PyObject *
+io_deliver(IOObject *self, int i)
+{
+    struct msghdr *msg = &self->in[i].msg_hdr;
+    PyObject *addr = io_source(self, &self->names[i], msg->msg_namelen);
+    if (addr == NULL)
+        return NULL;
+    PyObject *data = PyBytes_FromStringAndSize(self->iov[i].iov_base, self->in[i].msg_len);
+    if (data == NULL)
+        return NULL;
+    self->current = i;
+    self->source = addr;
+    if (self->pktinfo)
+        io_reply_from(self, msg);
+    PyObject *result;
+    PyObject *call[3] = {self->protocol, data, addr};
+    Py_INCREF(addr); /* a datagram_received that sends elsewhere may evict it from the cache */
+    if (self->direct)
+        result = Core_datagram_received((CoreObject *)self->protocol, call + 1, 2);
+    else
+        result = PyObject_VectorcallMethod(str_datagram_received, call,
+                                           3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    Py_DECREF(addr);
+    Py_DECREF(data);
+    self->current = -1;
+    self->source = NULL;
+    return result;
+}
+
+/* The loop's reader callback: up to IO_ROUNDS batches of up to IO_BATCH datagrams. An
+ * exception of the protocol's stops nothing: the datagrams read are all handed over, their
+ * answers sent, then the first exception is raised (for the loop's exception handler). */
+static PyObject *
+IO_read(IOObject *self, PyObject *unused)
+{
+    Raised failed = {NULL, NULL, NULL};
+    if (self->batching) /* called from its own datagram_received: the batch is in hand */
+        Py_RETURN_NONE;
+    Py_INCREF(self); /* the protocol may close the transport and drop the last reference */
+    for (int round = 0; round < IO_ROUNDS && !self->closing; round++) {
+        for (int i = 0; i < IO_BATCH; i++) {
+            struct msghdr *m = &self->in[i].msg_hdr;
+            m->msg_name = &self->names[i];
+            m->msg_namelen = sizeof self->names[i];
+            m->msg_iov = &self->iov[i];
+            m->msg_iovlen = 1;
+            m->msg_control = self->pktinfo ? self->controls[i].buf : NULL;
+            m->msg_controllen = self->pktinfo ? sizeof self->controls[i].buf : 0;
+            m->msg_flags = 0;
+        }
+        int got = recvmmsg(self->fd, self->in, IO_BATCH, MSG_DONTWAIT, NULL);
+        if (got < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno != EAGAIN && errno != EWOULDBLOCK
+                && io_report(self, errno) < 0) /* an ICMP error for an earlier answer */
+                keep_first(&failed, self->protocol);
+            break;
+        }
+        self->batching = 1;
+        for (int i = 0; i < got && !self->closing; i++) {
+            PyObject *result = io_deliver(self, i);
+            if (result != NULL)
+                Py_DECREF(result);
+            else
+                keep_first(&failed, self->protocol);
+        }
+        self->batching = 0;
+        if (io_flush(self) < 0)
+            keep_first(&failed, self->protocol);
+        if (got < IO_BATCH)
+            break; /* the socket is empty: no call to find it so */
+    }
+    Py_DECREF(self);
+    if (failed.type != NULL) {
+        PyErr_Restore(failed.type, failed.value, failed.traceback);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* Before the transport closes the socket: the answers already given are sent (an error
+ * raised by error_received meanwhile is raised here), then nothing more is read or sent. */
+static PyObject *
+IO_close(IOObject *self, PyObject *unused)
+{
+    if (self->closing)
+        Py_RETURN_NONE;
+    int status = io_flush(self);
+    self->closing = 1;
+    io_forget(self);
+    if (status < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef IO_methods[] = {
+    {"read", (PyCFunction)IO_read, METH_NOARGS,
+     "The loop's reader callback: read, hand over and answer what the socket holds."},
+    {"sendto", (PyCFunction)(void (*)(void))IO_sendto, METH_FASTCALL,
+     "sendto(data, addr): the transport's sendto."},
+    {"close", (PyCFunction)IO_close, METH_NOARGS, "Stop: nothing is read or sent after."},
+    {NULL},
+};
+
+static PyMemberDef IO_members[] = {
+    {"closing", T_BOOL, offsetof(IOObject, closing), READONLY, "close() was called."},
+    {"direct", T_BOOL, offsetof(IOObject, direct), READONLY,
+     "The protocol's datagram_received is Core's, called in C."},
+    {"pktinfo", T_BOOL, offsetof(IOObject, pktinfo), READONLY,
+     "Answers leave from the address each datagram came to."},
+    {NULL},
+};
+
+static PyTypeObject IOType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "wirekit_udp._hot.DatagramIO",
+    .tp_doc = "DatagramIO(fd, family, protocol, size, pktinfo): a datagram socket's reads "
+              "and answers, for the transport of pktinfo.py.",
+    .tp_basicsize = sizeof(IOObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = IO_new,
+    .tp_dealloc = (destructor)IO_dealloc,
+    .tp_traverse = (traverseproc)IO_traverse,
+    .tp_clear = (inquiry)IO_clear,
+    .tp_methods = IO_methods,
+    .tp_members = IO_members,
+};
+#endif /* __linux__ */
+
 static int
 intern(PyObject **slot, const char *text)
 {
@@ -1391,6 +1938,11 @@ hot_exec(PyObject *module)
         || intern(&reason_rate_limit_global, "rate_limit_global") < 0
         || intern(&reason_rate_limit_source, "rate_limit_source") < 0)
         return -1;
+#if defined(__linux__)
+    if (intern(&str_datagram_received, "datagram_received") < 0
+        || intern(&str_error_received, "error_received") < 0)
+        return -1;
+#endif
     if (loop_key_init() < 0)
         return -1;
     PyObject *defences = PyImport_ImportModule("wirekit_udp.defences");
@@ -1418,6 +1970,15 @@ hot_exec(PyObject *module)
             return -1;
         }
     }
+#if defined(__linux__)
+    if (PyType_Ready(&IOType) < 0)
+        return -1;
+    Py_INCREF(&IOType);
+    if (PyModule_AddObject(module, "DatagramIO", (PyObject *)&IOType) < 0) {
+        Py_DECREF(&IOType);
+        return -1;
+    }
+#endif
 #if defined(__SIZEOF_INT128__)
     if (PyModule_AddStringConstant(module, "LOOP_KEY", "nh") < 0)
         return -1;

@@ -32,6 +32,9 @@ BUILD = "pure"
 LOOP_KEY = "hash"  # loop_key's function: Python's hash; the C build's is "nh" (see _hot.c)
 #: The loop guard's table, key -> when answered (the C build's is a table of int64 and double).
 LoopTable = dict
+#: The C build's (on Linux) reads and answers the endpoint's socket (``pktinfo.CTransport``);
+#: this build has none: asyncio's transport, or ``pktinfo.PktinfoTransport`` on a wildcard bind.
+DatagramIO: Any = None
 
 
 def _not_connected(data: bytes, addr: tuple[Any, ...]) -> None:

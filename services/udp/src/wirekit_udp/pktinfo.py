@@ -11,6 +11,11 @@ ancillary data) on wildcard binds only; a service bound to one address needs non
 Reads are batched: one readiness callback takes up to ``BATCH`` datagrams. A send the kernel
 cannot take at once (a full send buffer) is reported to the protocol as an error, not queued:
 UDP answers are not retried.
+
+The C build (``_hot.DatagramIO``) reads and answers for every bind, wildcard or not, in place of
+both this transport and asyncio's (uvloop's): ``recvmmsg``/``sendmmsg`` in batches, source
+addresses made into tuples once, ``datagram_received`` called in C -- see ``_hot.c``.
+:class:`CTransport` is its transport.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["WILDCARDS", "PktinfoTransport", "open_pktinfo_endpoint"]
+from . import _hot
+
+__all__ = ["WILDCARDS", "CTransport", "PktinfoTransport", "open_pktinfo_endpoint"]
 
 WILDCARDS = frozenset({"0.0.0.0", "::", ""})  # noqa: S104 -- the binds this is for
 #: Linux's values where Python does not name them.
@@ -52,25 +59,76 @@ def _reply_from(ancillary: list[tuple[int, int, bytes]]) -> list[tuple[int, int,
     return []
 
 
-class PktinfoTransport(asyncio.DatagramTransport):
-    """The datagram transport of a wildcard bind: ``sendto`` during ``datagram_received``
-    answers from the address that datagram was sent to."""
+class _SocketTransport(asyncio.DatagramTransport):
+    """A datagram transport on the loop's ``add_reader``: the socket, its closing."""
 
     #: Empty datagrams go out as they are (asyncio's transport skips them).
     sends_empty = True
 
     def __init__(
         self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
-        protocol: asyncio.DatagramProtocol, max_size: int,
+        protocol: asyncio.DatagramProtocol,
     ) -> None:  # fmt: skip
         super().__init__({"socket": sock, "sockname": sock.getsockname()})
         self._loop = loop
         self._sock = sock
         self._protocol = protocol
+        self._closing = False
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._loop.remove_reader(self._sock.fileno())
+        self._sock.close()
+        self._loop.call_soon(self._protocol.connection_lost, None)
+
+    def abort(self) -> None:
+        self.close()
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+class CTransport(_SocketTransport):
+    """The C build's transport, for every bind: ``_hot.DatagramIO`` reads, hands over and
+    answers (from the arrival address when ``pktinfo``, a wildcard bind)."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
+        protocol: asyncio.DatagramProtocol, max_size: int, pktinfo: bool,
+    ) -> None:  # fmt: skip
+        super().__init__(loop, sock, protocol)
+        # one byte more than the largest datagram: an oversize datagram is seen as oversize
+        self._io = _hot.DatagramIO(sock.fileno(), sock.family, protocol, max_size + 1, pktinfo)
+        self.sendto = self._io.sendto  # type: ignore[method-assign]  # C's: no Python frame
+        loop.add_reader(sock.fileno(), self._io.read)
+
+    def sendto(self, data: Any, addr: Any = None) -> None:  # replaced per instance (above)
+        self._io.sendto(data, addr)
+
+    def close(self) -> None:
+        try:
+            self._io.close()  # the answers already given are sent first
+        finally:
+            super().close()
+
+
+class PktinfoTransport(_SocketTransport):
+    """The datagram transport of a wildcard bind: ``sendto`` during ``datagram_received``
+    answers from the address that datagram was sent to."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
+        protocol: asyncio.DatagramProtocol, max_size: int,
+    ) -> None:  # fmt: skip
+        super().__init__(loop, sock, protocol)
         self._size = max_size + 1  # one byte more: an oversize datagram is seen as oversize
         self._reply: list[tuple[int, int, bytes]] = []
         self._replies: dict[tuple[int, int, bytes], list[tuple[int, int, bytes]]] = {}
-        self._closing = False
         loop.add_reader(sock.fileno(), self._read)
 
     def _read(self) -> None:
@@ -104,23 +162,6 @@ class PktinfoTransport(asyncio.DatagramTransport):
         except OSError as exc:  # a full send buffer, an unreachable address: not retried
             self._protocol.error_received(exc)
 
-    def is_closing(self) -> bool:
-        return self._closing
-
-    def close(self) -> None:
-        if self._closing:
-            return
-        self._closing = True
-        self._loop.remove_reader(self._sock.fileno())
-        self._sock.close()
-        self._loop.call_soon(self._protocol.connection_lost, None)
-
-    def abort(self) -> None:
-        self.close()
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
 
 def pktinfo_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     """A non-blocking UDP socket bound to a wildcard address, reporting each datagram's
@@ -142,6 +183,30 @@ def pktinfo_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     return sock
 
 
+async def bound_socket(
+    loop: asyncio.AbstractEventLoop, host: str, port: int, reuse_port: bool
+) -> socket.socket:
+    """A non-blocking UDP socket bound to ``host`` (a name is resolved, its addresses tried in
+    turn), as asyncio's ``create_datagram_endpoint(local_addr=...)`` binds one."""
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE)
+    error: OSError | None = None
+    for family, kind, proto, _, sockaddr in infos:
+        if family not in (socket.AF_INET, socket.AF_INET6):
+            continue
+        sock = socket.socket(family, kind, proto)
+        try:
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(sockaddr)
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            error = exc
+            continue
+        return sock
+    raise error if error is not None else OSError(f"no IPv4 or IPv6 address for {host!r}")
+
+
 def open_pktinfo_endpoint(
     max_size: int,
 ) -> Callable[[Callable[[], asyncio.DatagramProtocol], str, int, bool], Any]:
@@ -152,7 +217,19 @@ def open_pktinfo_endpoint(
         factory: Callable[[], asyncio.DatagramProtocol], host: str, port: int, shared: bool
     ) -> asyncio.BaseTransport:
         loop = asyncio.get_running_loop()
-        if host not in WILDCARDS:
+        wildcard = host in WILDCARDS
+        if getattr(_hot, "DatagramIO", None) is not None:  # the C build on Linux: every bind
+            sock = (pktinfo_socket(host, port, shared) if wildcard
+                    else await bound_socket(loop, host, port, shared))  # fmt: skip
+            protocol = factory()
+            try:
+                fast = CTransport(loop, sock, protocol, max_size, wildcard)
+            except BaseException:
+                sock.close()
+                raise
+            protocol.connection_made(fast)
+            return fast
+        if not wildcard:
             transport, _ = await loop.create_datagram_endpoint(
                 factory, local_addr=(host, port), reuse_port=shared
             )
