@@ -1,9 +1,10 @@
 """The endpoint's transport, whichever the build uses: the C build's ``_hot.DatagramIO`` (every
-bind; ``recvmmsg``/``sendmmsg``, source addresses cached as tuples, ``datagram_received`` called
-in C), else asyncio's (uvloop's) or ``PktinfoTransport`` on a wildcard bind. Each test runs a
-real socket on loopback with a recording protocol and checks what arrives where: queued bursts,
-more sources than the address cache has slots, IPv6 address tuples, a protocol that raises,
-sends the kernel refuses, a transport closed in the middle of a batch."""
+bind; ``recvmmsg`` in batches, answers sent at once, source addresses cached as tuples,
+``datagram_received`` called in C), else asyncio's (uvloop's) or ``PktinfoTransport`` on a
+wildcard bind. Each test runs a real socket on loopback with a recording protocol and checks
+what arrives where: queued bursts, more sources than the address cache has slots, IPv6 address
+tuples, a protocol that raises, sends the kernel refuses, a transport closed in the middle of a
+batch."""
 
 from __future__ import annotations
 

@@ -1379,17 +1379,20 @@ static PyTypeObject CoreType = {
  * answer's address looked up in an LRU cache of tuples by equality, a bound method made to call
  * datagram_received, a recvmsg that finds the socket empty after each batch. Here, on the
  * loop's add_reader:
- * - recvmmsg takes up to IO_BATCH datagrams in one call (and one that returns fewer shows the
- *   socket emptied: no call to find it empty);
+ * - recvmmsg takes up to IO_BATCH datagrams in one call, until the socket is empty or
+ *   IO_ROUNDS calls were made (then the loop gets its turn);
  * - a source address becomes its (host, port[, flowinfo, scope_id]) tuple once, then comes from
  *   a direct-mapped cache (the same tuple object: its host's hash is cached too);
  * - datagram_received is Core's C function, called directly (a protocol that overrides it is
  *   called as any object);
- * - the answers given while a batch is handled leave together, in one sendmmsg, each to the
- *   source's address as received (the tuple it was given is recognised by identity), from the
- *   address it came to when the socket is a wildcard bind (IP_PKTINFO / IPV6_PKTINFO).
- * A send the kernel cannot take (a full buffer, an unreachable address) is reported to the
- * protocol's error_received, as asyncio's transports do; UDP answers are not retried. */
+ * - an answer leaves at once (sendmsg), to the source's address as received (the tuple it was
+ *   given is recognised by identity), from the address it came to when the socket is a
+ *   wildcard bind (IP_PKTINFO / IPV6_PKTINFO).
+ * Answers are not held back to leave together in one sendmmsg: in a closed loop an answer
+ * held back is a client waiting, and a server that then finds its socket empty and sleeps
+ * (measured: more CPU per datagram in the kernel, going to sleep and waking, than the calls
+ * saved). A send the kernel cannot take (a full buffer, an unreachable address) is reported
+ * to the protocol's error_received, as asyncio's transports do; UDP answers are not retried. */
 
 #if defined(__linux__)
 #include <sys/socket.h>
@@ -1419,22 +1422,13 @@ typedef struct {
 } CachedAddr;
 
 typedef struct {
-    PyObject *data; /* owned until sent */
-    SockAddr addr;
-    socklen_t addrlen;
-    Control control;
-    size_t controllen;
-    struct iovec iov;
-} Answer;
-
-typedef struct {
     PyObject_HEAD
     int fd;
     int family;
     char pktinfo;  /* a wildcard bind: answer from the address each datagram came to */
     char closing;
-    char batching; /* inside a batch: answers wait for its sendmmsg */
-    char direct;   /* the protocol is a Core with Core's datagram_received */
+    char reading; /* in read(): a call from its own datagram_received returns at once */
+    char direct;  /* the protocol is a Core with Core's datagram_received */
     Py_ssize_t size;
     PyObject *protocol;
     unsigned char *bufs; /* IO_BATCH * size */
@@ -1446,9 +1440,6 @@ typedef struct {
     PyObject *source; /* its address tuple (borrowed from the cache) */
     Control reply;    /* the control message its answer leaves with */
     size_t replylen;
-    Answer answers[IO_BATCH];
-    struct mmsghdr out[IO_BATCH];
-    int pending;
     CachedAddr *cache; /* IO_CACHE slots */
 } IOObject;
 
@@ -1465,9 +1456,6 @@ IO_traverse(IOObject *self, visitproc visit, void *arg)
 static void
 io_forget(IOObject *self)
 {
-    for (int i = 0; i < self->pending; i++)
-        Py_CLEAR(self->answers[i].data);
-    self->pending = 0;
     if (self->cache != NULL)
         for (int i = 0; i < IO_CACHE; i++)
             Py_CLEAR(self->cache[i].tuple);
@@ -1665,45 +1653,6 @@ io_report(IOObject *self, int err)
     return 0;
 }
 
-/* Send the answers waiting; -1 if error_received raised. The queue is emptied before any
- * Python code runs (error_received may send). */
-static int
-io_flush(IOObject *self)
-{
-    int n = self->pending, at = 0, status = 0, errors[IO_BATCH], failures = 0;
-    for (int i = 0; i < n; i++) {
-        Answer *a = &self->answers[i];
-        struct msghdr *m = &self->out[i].msg_hdr;
-        memset(m, 0, sizeof *m);
-        m->msg_name = &a->addr;
-        m->msg_namelen = a->addrlen;
-        m->msg_iov = &a->iov;
-        m->msg_iovlen = 1;
-        if (a->controllen) {
-            m->msg_control = a->control.buf;
-            m->msg_controllen = a->controllen;
-        }
-    }
-    while (at < n && !self->closing) {
-        int sent = sendmmsg(self->fd, self->out + at, (unsigned int)(n - at), MSG_DONTWAIT);
-        if (sent > 0) {
-            at += sent;
-            continue;
-        }
-        if (sent < 0 && errno == EINTR)
-            continue;
-        errors[failures++] = sent < 0 ? errno : EIO;
-        at++; /* this answer is lost: reported, the next ones tried */
-    }
-    for (int i = 0; i < n; i++)
-        Py_CLEAR(self->answers[i].data);
-    self->pending = 0;
-    for (int i = 0; i < failures && status == 0; i++)
-        if (io_report(self, errors[i]) < 0)
-            status = -1;
-    return status;
-}
-
 /* An address tuple as a socket address, for an answer to an address not just received. */
 static int
 parse_addr(IOObject *self, PyObject *addr, SockAddr *a, socklen_t *len)
@@ -1757,33 +1706,33 @@ IO_sendto(IOObject *self, PyObject *const *args, Py_ssize_t nargs)
     PyObject *data = args[0], *addr = args[1];
     if (self->closing)
         Py_RETURN_NONE; /* as asyncio's: nothing is sent once the transport is closing */
-    if (!PyBytes_Check(data)) { /* bytes-like: sent as bytes */
-        data = PyBytes_FromObject(data);
-        if (data == NULL)
-            return NULL;
-    } else {
-        Py_INCREF(data);
-    }
-    if (self->pending == IO_BATCH && io_flush(self) < 0) {
-        Py_DECREF(data);
-        return NULL;
-    }
-    Answer *a = &self->answers[self->pending];
+    SockAddr to;
+    struct msghdr m = {0};
     if (addr == self->source && self->current >= 0) {
-        a->addrlen = self->in[self->current].msg_hdr.msg_namelen;
-        memcpy(&a->addr, &self->names[self->current], a->addrlen);
-    } else if (parse_addr(self, addr, &a->addr, &a->addrlen) < 0) {
-        Py_DECREF(data);
+        m.msg_name = &self->names[self->current];
+        m.msg_namelen = self->in[self->current].msg_hdr.msg_namelen;
+    } else if (parse_addr(self, addr, &to, &m.msg_namelen) < 0) {
         return NULL;
+    } else {
+        m.msg_name = &to;
     }
-    a->controllen = self->current >= 0 ? self->replylen : 0;
-    if (a->controllen)
-        memcpy(a->control.buf, self->reply.buf, a->controllen);
-    a->data = data;
-    a->iov.iov_base = PyBytes_AS_STRING(data);
-    a->iov.iov_len = (size_t)PyBytes_GET_SIZE(data);
-    self->pending++;
-    if (!self->batching && io_flush(self) < 0)
+    if (self->current >= 0 && self->replylen) { /* during datagram_received, as pktinfo.py */
+        m.msg_control = self->reply.buf;
+        m.msg_controllen = self->replylen;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    struct iovec iov = {view.buf, (size_t)view.len};
+    m.msg_iov = &iov;
+    m.msg_iovlen = 1;
+    ssize_t sent;
+    do
+        sent = sendmsg(self->fd, &m, MSG_DONTWAIT);
+    while (sent < 0 && errno == EINTR);
+    int err = errno;
+    PyBuffer_Release(&view);
+    if (sent < 0 && io_report(self, err) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -1825,7 +1774,7 @@ static PyObject *
 IO_read(IOObject *self, PyObject *unused)
 {
     Raised failed = {NULL, NULL, NULL};
-    if (self->batching) /* called from its own datagram_received: the batch is in hand */
+    if (self->reading) /* called from its own datagram_received: the batch is in hand */
         Py_RETURN_NONE;
     Py_INCREF(self); /* the protocol may close the transport and drop the last reference */
     for (int round = 0; round < IO_ROUNDS && !self->closing; round++) {
@@ -1848,7 +1797,7 @@ IO_read(IOObject *self, PyObject *unused)
                 keep_first(&failed, self->protocol);
             break;
         }
-        self->batching = 1;
+        self->reading = 1;
         for (int i = 0; i < got && !self->closing; i++) {
             PyObject *result = io_deliver(self, i);
             if (result != NULL)
@@ -1856,11 +1805,9 @@ IO_read(IOObject *self, PyObject *unused)
             else
                 keep_first(&failed, self->protocol);
         }
-        self->batching = 0;
-        if (io_flush(self) < 0)
-            keep_first(&failed, self->protocol);
-        if (got < IO_BATCH)
-            break; /* the socket is empty: no call to find it so */
+        self->reading = 0;
+        /* On even when this batch was short: answered at once, the clients have often sent
+         * again meanwhile (a server that stops here sleeps and wakes more). */
     }
     Py_DECREF(self);
     if (failed.type != NULL) {
@@ -1870,18 +1817,12 @@ IO_read(IOObject *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
-/* Before the transport closes the socket: the answers already given are sent (an error
- * raised by error_received meanwhile is raised here), then nothing more is read or sent. */
+/* Before the transport closes the socket: nothing more is read or sent. */
 static PyObject *
 IO_close(IOObject *self, PyObject *unused)
 {
-    if (self->closing)
-        Py_RETURN_NONE;
-    int status = io_flush(self);
     self->closing = 1;
     io_forget(self);
-    if (status < 0)
-        return NULL;
     Py_RETURN_NONE;
 }
 

@@ -13,8 +13,9 @@ cannot take at once (a full send buffer) is reported to the protocol as an error
 UDP answers are not retried.
 
 The C build (``_hot.DatagramIO``) reads and answers for every bind, wildcard or not, in place of
-both this transport and asyncio's (uvloop's): ``recvmmsg``/``sendmmsg`` in batches, source
-addresses made into tuples once, ``datagram_received`` called in C -- see ``_hot.c``.
+both this transport and asyncio's (uvloop's): ``recvmmsg`` in batches, each answer sent at
+once, source addresses made into tuples once, ``datagram_received`` called in C -- see
+``_hot.c``.
 :class:`CTransport` is its transport.
 """
 
