@@ -176,7 +176,7 @@ def test_the_c_core_refuses_a_context_without_its_buckets() -> None:
 def test_the_c_core_refuses_a_loop_table_that_is_not_its_own() -> None:
     ctx = UdpContext.build(UdpSettings(), CollectorRegistry(), TracerProvider().get_tracer("t"),
                            clock=lambda: 0.0)  # fmt: skip
-    assert type(ctx.loop.answers) is _hot.LoopTable
+    assert type(ctx.loop.answers) is _hot.LoopTable  # type: ignore[comparison-overlap]
     ctx.loop.answers = {}
     if _hot.BUILD == "compiled":
         with pytest.raises(TypeError, match=r"answers must be a wirekit_udp\._hot\.LoopTable"):

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import socket
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -212,13 +214,118 @@ async def test_a_transport_closed_in_the_middle_of_a_batch_reads_and_sends_nothi
         protocol.transport.sendto(b"late", ("127.0.0.1", port))  # closed: nothing, no error
 
 
-async def test_the_c_transport_calls_cores_datagram_received_in_c_and_checks_addresses() -> None:
+def _context() -> Any:
+    from opentelemetry.sdk.trace import TracerProvider
+    from prometheus_client import CollectorRegistry
+
+    from wirekit_udp.protocol import UdpContext
+    from wirekit_udp.settings import UdpSettings
+
+    return UdpContext.build(UdpSettings(), CollectorRegistry(), TracerProvider().get_tracer("t"),
+                            clock=lambda: 0.0)  # fmt: skip
+
+
+async def test_a_datagram_over_the_limit_is_counted_at_its_real_length() -> None:
+    """5,000 bytes to a 1,472-byte limit: dropped as oversize, its 5,000 bytes counted (asyncio's
+    transport gives the whole datagram; the C build's reads its length with MSG_TRUNC)."""
+    from wirekit_udp.protocol import UdpEcho
+
+    ctx = _context()
+    transport = await open_pktinfo_endpoint(MAX_SIZE)(lambda: UdpEcho(ctx), "127.0.0.1", 0, False)
+    try:
+        port = transport.get_extra_info("sockname")[1]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(bytes(5000), ("127.0.0.1", port))
+            s.sendto(b"fits", ("127.0.0.1", port))
+            s.settimeout(DEADLINE_S)
+            assert await asyncio.to_thread(s.recv, 100) == b"fits"
+    finally:
+        transport.close()
+    stats = ctx.metrics
+    assert (stats.dropped["oversize"].n, stats.dropped_bytes.n) == (1, 5000)
+    assert (stats.received.n, stats.received_bytes.n) == (2, 5004)
+
+
+def queued(payloads: list[bytes]) -> tuple[socket.socket, socket.socket]:
+    """A bound server socket with ``payloads`` waiting in it, and the client that sent them."""
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind(("127.0.0.1", 0))
+    server.setblocking(False)
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for payload in payloads:
+        client.sendto(payload, server.getsockname())
+    return server, client
+
+
+class Raiser(Recorder):
+    def __init__(self, raises: dict[bytes, BaseException]) -> None:
+        super().__init__()
+        self.raises = raises
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.got.append((data, addr))
+        if data in self.raises:
+            raise self.raises[data]
+
+
+def test_the_c_transport_raises_an_interrupt_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An Exception lets the batch go on (the first is raised after it); a KeyboardInterrupt or
+    SystemExit is raised at once, before the next datagram is handed over (an Exception before
+    it is reported as unraisable)."""
+    if not COMPILED:
+        assert _hot.DatagramIO is None  # the pure build: asyncio's transport
+        return
+    unraisable: list[Any] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: unraisable.append(u.exc_type))
+    cases: list[tuple[dict[bytes, BaseException], type[BaseException], int, list[Any]]] = [
+        ({b"2": RuntimeError("2")}, RuntimeError, 5, []),
+        ({b"2": KeyboardInterrupt()}, KeyboardInterrupt, 2, []),
+        ({b"2": RuntimeError("2"), b"3": SystemExit(3)}, SystemExit, 3, [RuntimeError]),
+        ({b"2": RuntimeError("2"), b"4": ValueError("4")}, RuntimeError, 5, [ValueError]),
+    ]
+    for raises, want, handed, reported in cases:
+        unraisable.clear()
+        server, client = queued([b"1", b"2", b"3", b"4", b"5"])
+        with server, client:
+            protocol = Raiser(raises)
+            io = _hot.DatagramIO(server, protocol, MAX_SIZE + 1, False)
+            with pytest.raises(want):
+                io.read()
+            assert [data for data, _ in protocol.got] == [b"1", b"2", b"3", b"4", b"5"][:handed]
+            assert unraisable == reported
+            io.close()
+
+
+def test_the_c_transport_holds_its_socket_and_sees_overrides() -> None:
+    if not COMPILED:
+        assert _hot.DatagramIO is None
+        return
+    from wirekit_udp.protocol import UdpEcho
+
+    server, client = queued([b"hello"])
+    with client:
+        io = _hot.DatagramIO(server, Recorder(), MAX_SIZE + 1, False)
+        del server
+        gc.collect()  # the socket is the IO's too: its fd stays open and its own
+        client.settimeout(DEADLINE_S)
+        io.sendto(b"still mine", client.getsockname())
+        assert client.recv(100) == b"still mine"
+        io.close()
+    echo = UdpEcho(_context())
+    assert _hot.DatagramIO(socket.socket(), echo, 10, False).direct
+    seen: list[bytes] = []
+    echo.datagram_received = lambda data, addr: seen.append(data)  # type: ignore[method-assign]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        assert not _hot.DatagramIO(sock, echo, 10, False).direct  # the override is called
+
+
+def test_the_c_transport_checks_what_it_is_given() -> None:
     if not COMPILED:
         assert _hot.DatagramIO is None  # the pure build: asyncio's transport, tested above
         return
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("127.0.0.1", 0))
-        io = _hot.DatagramIO(sock.fileno(), sock.family, Recorder(), MAX_SIZE + 1, False)
+        io = _hot.DatagramIO(sock, Recorder(), MAX_SIZE + 1, False)
         assert (io.direct, io.pktinfo, io.closing) == (False, False, False)
         with pytest.raises(ValueError, match="not a numeric address"):
             io.sendto(b"x", ("localhost", 9))
@@ -228,24 +335,21 @@ async def test_the_c_transport_calls_cores_datagram_received_in_c_and_checks_add
             io.sendto(b"x", "127.0.0.1")
         with pytest.raises(TypeError):
             io.sendto(b"x", ("127.0.0.1", 9, 0, 0))  # an IPv4 socket's address has two parts
-        with pytest.raises(ValueError, match="family must be AF_INET or AF_INET6"):
-            _hot.DatagramIO(sock.fileno(), socket.AF_UNIX, Recorder(), 10, False)
         with pytest.raises(ValueError, match="size must be 1 to 65536"):
-            _hot.DatagramIO(sock.fileno(), sock.family, Recorder(), 0, False)
+            _hot.DatagramIO(sock, Recorder(), 0, False)
         io.close()
         assert io.closing
         io.sendto(b"x", ("127.0.0.1", 9))  # closing: nothing sent, no error
         assert io.read() is None
-    from opentelemetry.sdk.trace import TracerProvider
-    from prometheus_client import CollectorRegistry
-
-    from wirekit_udp.protocol import UdpContext, UdpEcho
-    from wirekit_udp.settings import UdpSettings
-
-    ctx = UdpContext.build(UdpSettings(), CollectorRegistry(), TracerProvider().get_tracer("t"),
-                           clock=lambda: 0.0)  # fmt: skip
+    with (
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as unix,
+        pytest.raises(ValueError, match="family must be AF_INET or AF_INET6"),
+    ):
+        _hot.DatagramIO(unix, Recorder(), 10, False)
     with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
-        io = _hot.DatagramIO(sock.fileno(), sock.family, UdpEcho(ctx), MAX_SIZE + 1, True)
-        assert (io.direct, io.pktinfo) == (True, True)
+        io = _hot.DatagramIO(sock, Recorder(), MAX_SIZE + 1, True)
+        assert io.pktinfo
         with pytest.raises(ValueError, match="not a numeric address"):
             io.sendto(b"x", ("127.0.0.1", 9))  # an IPv6 socket takes IPv6 (or mapped) ones
+        with pytest.raises(OverflowError, match="flowinfo"):
+            io.sendto(b"x", ("::1", 9, 1 << 20, 0))

@@ -1117,7 +1117,7 @@ Core_init(CoreObject *self, PyObject *args, PyObject *kwds)
     self->min_port = (long)min_port;
     self->sends_empty = 0;
     self->ipv4 = 0;
-#if defined(CLOCK_MONOTONIC)
+#if defined(__linux__) /* where time.monotonic reads CLOCK_MONOTONIC (not macOS, say) */
     self->monotonic = self->time == monotonic;
 #else
     self->monotonic = 0;
@@ -1229,7 +1229,7 @@ Core_datagram_received(CoreObject *self, PyObject *const *args, Py_ssize_t nargs
         }
     }
     double t;
-#if defined(CLOCK_MONOTONIC)
+#if defined(__linux__)
     if (self->monotonic) { /* what time.monotonic() returns, read as it reads it */
         struct timespec ts;
         if (clock_gettime(CLOCK_MONOTONIC, &ts) < 0) {
@@ -1423,6 +1423,7 @@ typedef struct {
 
 typedef struct {
     PyObject_HEAD
+    PyObject *sock; /* held: its fd stays this socket's while the loop may call read() */
     int fd;
     int family;
     char pktinfo;  /* a wildcard bind: answer from the address each datagram came to */
@@ -1450,6 +1451,7 @@ static int
 IO_traverse(IOObject *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->protocol);
+    Py_VISIT(self->sock);
     return 0;
 }
 
@@ -1467,6 +1469,7 @@ IO_clear(IOObject *self)
 {
     io_forget(self);
     Py_CLEAR(self->protocol);
+    Py_CLEAR(self->sock);
     return 0;
 }
 
@@ -1483,15 +1486,25 @@ IO_dealloc(IOObject *self)
 static PyObject *
 IO_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"fd", "family", "protocol", "size", "pktinfo", NULL};
-    int fd, family, pktinfo;
+    static char *kwlist[] = {"sock", "protocol", "size", "pktinfo", NULL};
+    int pktinfo;
     Py_ssize_t size;
-    PyObject *protocol;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiOnp:DatagramIO", kwlist, &fd, &family,
-                                     &protocol, &size, &pktinfo))
+    PyObject *sock, *protocol;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOnp:DatagramIO", kwlist, &sock, &protocol,
+                                     &size, &pktinfo))
+        return NULL;
+    int fd = PyObject_AsFileDescriptor(sock);
+    if (fd < 0)
+        return NULL;
+    PyObject *family_obj = PyObject_GetAttrString(sock, "family");
+    if (family_obj == NULL)
+        return NULL;
+    long family = PyLong_AsLong(family_obj);
+    Py_DECREF(family_obj);
+    if (family == -1 && PyErr_Occurred())
         return NULL;
     if (family != AF_INET && family != AF_INET6) {
-        PyErr_Format(PyExc_ValueError, "family must be AF_INET or AF_INET6, not %d", family);
+        PyErr_Format(PyExc_ValueError, "family must be AF_INET or AF_INET6, not %ld", family);
         return NULL;
     }
     if (size < 1 || size > 65536) {
@@ -1501,8 +1514,9 @@ IO_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     IOObject *self = (IOObject *)type->tp_alloc(type, 0);
     if (self == NULL)
         return NULL;
+    self->sock = Py_NewRef(sock);
     self->fd = fd;
-    self->family = family;
+    self->family = (int)family;
     self->pktinfo = (char)pktinfo;
     self->size = size;
     self->current = -1;
@@ -1517,18 +1531,18 @@ IO_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         self->iov[i].iov_base = self->bufs + (size_t)size * i;
         self->iov[i].iov_len = (size_t)size;
     }
-    PyObject *method = PyObject_GetAttr((PyObject *)Py_TYPE(protocol), str_datagram_received);
+    /* Called in C when protocol.datagram_received is Core's, bound to it, as looked up now
+     * (an override set on the instance or its class later is not seen) */
+    PyObject *method = PyObject_GetAttr(protocol, str_datagram_received);
     if (method == NULL) {
         Py_DECREF(self);
         return NULL;
     }
-    PyObject *core_method = PyDict_GetItemWithError(CoreType.tp_dict, str_datagram_received);
-    self->direct = PyObject_TypeCheck(protocol, &CoreType) && method == core_method;
+    self->direct = PyObject_TypeCheck(protocol, &CoreType) && PyCFunction_Check(method)
+                   && PyCFunction_GET_FUNCTION(method) == (PyCFunction)(void (*)(void))
+                                                              Core_datagram_received
+                   && PyCFunction_GET_SELF(method) == protocol;
     Py_DECREF(method);
-    if (PyErr_Occurred()) {
-        Py_DECREF(self);
-        return NULL;
-    }
     return (PyObject *)self;
 }
 
@@ -1620,14 +1634,26 @@ typedef struct {
     PyObject *type, *value, *traceback;
 } Raised;
 
-/* Keep the exception raised if it is the first; else it is reported as unraisable. */
-static void
+/* Keep the exception raised if it is the first, or the first that is not an Exception
+ * (KeyboardInterrupt, SystemExit: it is the one raised); the other is reported as unraisable.
+ * 1 when the one kept is not an Exception: then nothing more is handed over. */
+static int
 keep_first(Raised *first, PyObject *where)
 {
-    if (first->type == NULL)
-        PyErr_Fetch(&first->type, &first->value, &first->traceback);
-    else
+    Raised now;
+    PyErr_Fetch(&now.type, &now.value, &now.traceback);
+    if (first->type == NULL) {
+        *first = now;
+    } else if (PyErr_GivenExceptionMatches(first->type, PyExc_Exception)
+               && !PyErr_GivenExceptionMatches(now.type, PyExc_Exception)) {
+        PyErr_Restore(first->type, first->value, first->traceback);
         PyErr_WriteUnraisable(where);
+        *first = now;
+    } else {
+        PyErr_Restore(now.type, now.value, now.traceback);
+        PyErr_WriteUnraisable(where);
+    }
+    return !PyErr_GivenExceptionMatches(first->type, PyExc_Exception);
 }
 
 /* protocol.error_received(OSError(err)); -1 if it raised. */
@@ -1672,6 +1698,10 @@ parse_addr(IOObject *self, PyObject *addr, SockAddr *a, socklen_t *len)
     }
     if (port < 0 || port > 65535) {
         PyErr_Format(PyExc_OverflowError, "port must be 0-65535, not %d", port);
+        return -1;
+    }
+    if (flowinfo > 0xfffff) {
+        PyErr_SetString(PyExc_OverflowError, "flowinfo must be 0-1048575");
         return -1;
     }
     memset(a, 0, sizeof *a);
@@ -1745,7 +1775,11 @@ io_deliver(IOObject *self, int i)
     PyObject *addr = io_source(self, &self->names[i], msg->msg_namelen);
     if (addr == NULL)
         return NULL;
-    PyObject *data = PyBytes_FromStringAndSize(self->iov[i].iov_base, self->in[i].msg_len);
+    size_t len = self->in[i].msg_len; /* its real length (MSG_TRUNC) */
+    if (len > self->iov[i].iov_len && self->direct) /* larger than the largest answered */
+        return drop((CoreObject *)self->protocol, reason_oversize, addr, (Py_ssize_t)len);
+    size_t copied = len < self->iov[i].iov_len ? len : self->iov[i].iov_len;
+    PyObject *data = PyBytes_FromStringAndSize(self->iov[i].iov_base, (Py_ssize_t)copied);
     if (data == NULL)
         return NULL;
     self->current = i;
@@ -1768,16 +1802,18 @@ io_deliver(IOObject *self, int i)
 }
 
 /* The loop's reader callback: up to IO_ROUNDS batches of up to IO_BATCH datagrams. An
- * exception of the protocol's stops nothing: the datagrams read are all handed over, their
- * answers sent, then the first exception is raised (for the loop's exception handler). */
+ * Exception of the protocol's stops nothing: the datagrams read are all handed over and
+ * answered, then the first is raised (for the loop's exception handler; any later ones are
+ * reported as unraisable). A KeyboardInterrupt or SystemExit is raised at once. */
 static PyObject *
 IO_read(IOObject *self, PyObject *unused)
 {
     Raised failed = {NULL, NULL, NULL};
+    int stop = 0;
     if (self->reading) /* called from its own datagram_received: the batch is in hand */
         Py_RETURN_NONE;
     Py_INCREF(self); /* the protocol may close the transport and drop the last reference */
-    for (int round = 0; round < IO_ROUNDS && !self->closing; round++) {
+    for (int round = 0; round < IO_ROUNDS && !self->closing && !stop; round++) {
         for (int i = 0; i < IO_BATCH; i++) {
             struct msghdr *m = &self->in[i].msg_hdr;
             m->msg_name = &self->names[i];
@@ -1788,22 +1824,22 @@ IO_read(IOObject *self, PyObject *unused)
             m->msg_controllen = self->pktinfo ? sizeof self->controls[i].buf : 0;
             m->msg_flags = 0;
         }
-        int got = recvmmsg(self->fd, self->in, IO_BATCH, MSG_DONTWAIT, NULL);
+        int got = recvmmsg(self->fd, self->in, IO_BATCH, MSG_DONTWAIT | MSG_TRUNC, NULL);
         if (got < 0) {
             if (errno == EINTR)
                 continue;
             if (errno != EAGAIN && errno != EWOULDBLOCK
                 && io_report(self, errno) < 0) /* an ICMP error for an earlier answer */
-                keep_first(&failed, self->protocol);
+                (void)keep_first(&failed, self->protocol);
             break;
         }
         self->reading = 1;
-        for (int i = 0; i < got && !self->closing; i++) {
+        for (int i = 0; i < got && !self->closing && !stop; i++) {
             PyObject *result = io_deliver(self, i);
             if (result != NULL)
                 Py_DECREF(result);
             else
-                keep_first(&failed, self->protocol);
+                stop = keep_first(&failed, self->protocol);
         }
         self->reading = 0;
         /* On even when this batch was short: answered at once, the clients have often sent

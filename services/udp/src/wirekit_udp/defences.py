@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from collections.abc import MutableMapping
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Protocol
 
 _BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 
@@ -38,6 +38,17 @@ def is_broadcast_or_multicast(host: str) -> bool:
     if isinstance(addr, ipaddress.IPv4Address) and (addr.is_reserved or addr == _BROADCAST):
         return True  # 240.0.0.0/4 and the limited broadcast address
     return addr.is_multicast or addr.is_unspecified
+
+
+class AnswerTable(Protocol):
+    """What LoopGuard uses of its table: a dict of int -> float, or the C build's LoopTable
+    (which has these and ``__contains__``, ``__getitem__``, ``clear``, not a whole mapping)."""
+
+    def __len__(self) -> int: ...
+    def get(self, key: int, /) -> float | None: ...
+    def __setitem__(self, key: int, when: float, /) -> None: ...
+    def __delitem__(self, key: int, /) -> None: ...
+    def items(self) -> Iterable[tuple[int, float]]: ...
 
 
 class LoopGuard:
@@ -74,16 +85,14 @@ class LoopGuard:
 
     __slots__ = ("answers", "limit", "prune_at", "window_s")
 
-    def __init__(
-        self, window_s: float, limit: int, answers: MutableMapping[int, float] | None = None
-    ) -> None:
+    def __init__(self, window_s: float, limit: int, answers: AnswerTable | None = None) -> None:
         self.window_s = window_s
         self.limit = limit
         # key of (address tuple as the socket gives it, bytes) -> when we answered it: ints
         # and floats only, nothing for the garbage collector to walk at 20,000 answers/s (a
         # dict; the C build's _hot.LoopTable, which UdpContext.build gives). One table,
         # changed in place: the protocol keeps a reference to it.
-        self.answers: MutableMapping[int, float] = {} if answers is None else answers
+        self.answers: AnswerTable = {} if answers is None else answers
         self.prune_at = 0.0
 
     def __len__(self) -> int:

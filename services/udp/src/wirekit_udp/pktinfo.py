@@ -96,7 +96,16 @@ class _SocketTransport(asyncio.DatagramTransport):
 
 class CTransport(_SocketTransport):
     """The C build's transport, for every bind: ``_hot.DatagramIO`` reads, hands over and
-    answers (from the arrival address when ``pktinfo``, a wildcard bind)."""
+    answers (from the arrival address when ``pktinfo``, a wildcard bind).
+
+    Where it differs from asyncio's datagram transport (none of which UdpEcho uses):
+    ``sendto`` takes numeric addresses only (no names, no ``"<broadcast>"``; a ValueError, not an
+    OSError to ``error_received``) and always an address (the socket is not connected); a send
+    the kernel cannot take at once (a full buffer) is reported to ``error_received``, not
+    queued; a datagram over ``max_size`` reaches a protocol that is a ``Core`` as an oversize
+    drop of its real length, any other protocol cut to ``max_size + 1`` bytes. The socket must
+    be closed through :meth:`close`.
+    """
 
     def __init__(
         self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
@@ -104,7 +113,7 @@ class CTransport(_SocketTransport):
     ) -> None:  # fmt: skip
         super().__init__(loop, sock, protocol)
         # one byte more than the largest datagram: an oversize datagram is seen as oversize
-        self._io = _hot.DatagramIO(sock.fileno(), sock.family, protocol, max_size + 1, pktinfo)
+        self._io = _hot.DatagramIO(sock, protocol, max_size + 1, pktinfo)
         self.sendto = self._io.sendto  # type: ignore[method-assign]  # C's: no Python frame
         loop.add_reader(sock.fileno(), self._io.read)
 
@@ -222,8 +231,8 @@ def open_pktinfo_endpoint(
         if getattr(_hot, "DatagramIO", None) is not None:  # the C build on Linux: every bind
             sock = (pktinfo_socket(host, port, shared) if wildcard
                     else await bound_socket(loop, host, port, shared))  # fmt: skip
-            protocol = factory()
             try:
+                protocol = factory()
                 fast = CTransport(loop, sock, protocol, max_size, wildcard)
             except BaseException:
                 sock.close()
