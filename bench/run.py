@@ -154,13 +154,23 @@ def wirekit_echo(
     cmd = [PY, "-m", "wirekit_echo", "--raw-port", str(port), "--framed-port", str(port + 1),
            "--metrics-port", str(metrics), "--log-level", "WARNING", "--limit-connections",
            "20000", "--timeout-idle-s", "600"]  # fmt: skip
-    if baseline is None:
+    if baseline is None or knows_per_source_limit(baseline):
         cmd += ["--limit-connections-per-source", "20000"]  # every client is 127.0.0.1
-    else:
+    if baseline is not None:
         src = [baseline / p for p in ("shared/framing/src", "shared/servicekit/src",
                                       "services/echo/src")]  # fmt: skip
         env = {**env, "PYTHONPATH": os.pathsep.join(map(str, src))}
     return Server(name, cmd, port, "connect", env)
+
+
+def knows_per_source_limit(tree: Path) -> bool:
+    """Whether the echo of ``tree`` has ``--limit-connections-per-source`` (64 by default since
+    it came in: left at that, a baseline closes all but 64 of a x100 cell's connections)."""
+    src = [tree / p for p in ("shared/framing/src", "shared/servicekit/src", "services/echo/src")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, src))}
+    usage = subprocess.run([PY, "-m", "wirekit_echo", "--help"], env=env, capture_output=True,
+                           text=True, timeout=60, check=True).stdout  # fmt: skip
+    return "--limit-connections-per-source" in usage
 
 
 def checkout(rev: str, workdir: Path) -> Path:
