@@ -157,17 +157,20 @@ def wirekit_echo(
     if baseline is None or knows_per_source_limit(baseline):
         cmd += ["--limit-connections-per-source", "20000"]  # every client is 127.0.0.1
     if baseline is not None:
-        src = [baseline / p for p in ("shared/framing/src", "shared/servicekit/src",
-                                      "services/echo/src")]  # fmt: skip
-        env = {**env, "PYTHONPATH": os.pathsep.join(map(str, src))}
+        env = {**env, "PYTHONPATH": echo_path(baseline)}
     return Server(name, cmd, port, "connect", env)
+
+
+def echo_path(tree: Path) -> str:
+    """PYTHONPATH for the echo service of the checkout ``tree``."""
+    src = ("shared/framing/src", "shared/servicekit/src", "services/echo/src")
+    return os.pathsep.join(str(tree / p) for p in src)
 
 
 def knows_per_source_limit(tree: Path) -> bool:
     """Whether the echo of ``tree`` has ``--limit-connections-per-source`` (64 by default since
     it came in: left at that, a baseline closes all but 64 of a x100 cell's connections)."""
-    src = [tree / p for p in ("shared/framing/src", "shared/servicekit/src", "services/echo/src")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, src))}
+    env = {**os.environ, "PYTHONPATH": echo_path(tree)}
     usage = subprocess.run([PY, "-m", "wirekit_echo", "--help"], env=env, capture_output=True,
                            text=True, timeout=60, check=True).stdout  # fmt: skip
     return "--limit-connections-per-source" in usage
