@@ -183,10 +183,13 @@ def checkout(rev: str, workdir: Path) -> Path:
     archive = subprocess.run(["git", "archive", rev], cwd=HERE.parent, check=True,
                              capture_output=True).stdout  # fmt: skip
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
-    # _version.py is generated at install time, not committed: give the baseline's packages one.
-    version = (dest / "VERSION").read_text().strip()
+    # _version.py is generated at install time, not committed: give the baseline's packages one
+    # (a revision from before the VERSION file is named by its commit, as a local version).
+    file = dest / "VERSION"
+    version = file.read_text().strip() if file.exists() else f"0+g{rev}"
     for package in dest.glob("*/*/src/wirekit_*"):
-        (package / "_version.py").write_text(f'__version__ = "{version}"\n')
+        if not (package / "_version.py").exists():
+            (package / "_version.py").write_text(f'__version__ = "{version}"\n')
     return dest
 
 
