@@ -5,7 +5,11 @@ from __future__ import annotations
 import io
 import json
 import logging
+import socket
+import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
@@ -130,6 +134,31 @@ def test_metrics_server_health_readiness_and_metrics() -> None:
         assert http_get(base + "/")[0] == 404
     finally:
         server.stop()
+
+
+def _wakeups(thread: threading.Thread) -> int:
+    status = Path(f"/proc/self/task/{thread.native_id}/status").read_text()
+    return sum(int(line.split()[1]) for line in status.splitlines() if "ctxt_switches" in line)
+
+
+def test_metrics_server_sleeps_until_a_request_and_stops_at_once() -> None:
+    """Idle, the serving thread is not woken (socketserver's serve_forever looks for a shutdown
+    every 0.5 s, so an exit waited up to that long); stop() wakes it, ends it, closes the port."""
+    server = MetricsServer(new_registry(process_metrics=False), "127.0.0.1", 0)
+    server.start()
+    thread = server._thread  # the serving thread itself
+    try:
+        assert http_get(f"http://127.0.0.1:{server.port}/healthz")[0] == 200
+        time.sleep(0.2)  # the request's hand-off settles
+        before = _wakeups(thread)
+        time.sleep(1.2)  # serve_forever would have woken twice
+        assert _wakeups(thread) == before
+        assert http_get(f"http://127.0.0.1:{server.port}/healthz")[0] == 200  # still serving
+    finally:
+        server.stop()
+    assert not thread.is_alive()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
 
 
 def test_the_image_healthcheck_follows_readyz(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,6 +9,7 @@ server, off the event loop, so a slow scraper never delays a client.
 from __future__ import annotations
 
 import bisect
+import selectors
 import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -190,13 +191,14 @@ class MetricsServer:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[
             0
         ][0]
-        server_class = type("MetricsHTTPServer", (ThreadingWSGIServer,), {"address_family": family})
+        # timeout: handle_request's own wait, bounded should the socket have emptied meanwhile
+        server_class = type("MetricsHTTPServer", (ThreadingWSGIServer,),
+                            {"address_family": family, "timeout": 1.0})  # fmt: skip
         self._server: ThreadingWSGIServer = make_server(
             host, port, self._app, server_class, handler_class=_QuietHandler
         )
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="metrics-http", daemon=True
-        )
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._thread = threading.Thread(target=self._serve, name="metrics-http", daemon=True)
 
     @property
     def port(self) -> int:
@@ -228,9 +230,22 @@ class MetricsServer:
     def start(self) -> None:
         self._thread.start()
 
+    def _serve(self) -> None:
+        """socketserver's serve_forever, but asleep until a request or stop(): serve_forever
+        wakes every 0.5 s to look for a shutdown, so a service's exit waited up to that long."""
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._server, selectors.EVENT_READ)
+            selector.register(self._wake_r, selectors.EVENT_READ)
+            while all(key.fileobj is not self._wake_r for key, _ in selector.select()):
+                self._server.handle_request()
+
     def stop(self) -> None:
-        self._server.shutdown()
+        self._wake_w.send(b"\0")
+        if self._thread.is_alive():
+            self._thread.join()
         self._server.server_close()
+        self._wake_r.close()
+        self._wake_w.close()
 
 
 _REASONS = {
