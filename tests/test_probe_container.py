@@ -81,7 +81,10 @@ def test_probe_image_probes_udp_and_echo_by_name(
     assert prom.value('probe_hops{module="udp", name="udp"}') == 0  # one bridge, no router
     # The dashboard draws: every panel has data, every value a number (no NaN from a division
     # or a quantile over nothing), losses 0, RTT quantiles inside the histogram's range.
-    wait_until(lambda: all(render(prom).values()), 60, "every panel of probe.json drawn")
+    # Drawn, and in numbers: a series with no round trip in the last $__rate_interval is a NaN
+    # quantile while it lasts (seen once in CI, cause not found); one that stays fails here.
+    wait_until(lambda: all(v and all(map(math.isfinite, v)) for v in render(prom).values()), 60,
+               "every panel of probe.json drawn, in numbers")  # fmt: skip
     drawn = render(prom)
     for title, values in drawn.items():
         assert values, title
